@@ -1,0 +1,387 @@
+//! Server configuration: command-line flags, each with an environment
+//! variable, over an optional TOML file that fills the same struct, over
+//! built-in defaults. [`ServeArgs::resolve`] validates everything once.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::fetch::DEFAULT_MODEL_FILE;
+
+/// A secret string whose `Debug` output is redacted.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// One model entry of the TOML file's `[[models]]` list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The id clients send as `model`.
+    pub name: String,
+    /// Path of the GGUF file.
+    pub path: PathBuf,
+    pub dtype: Option<String>,
+    pub device: Option<String>,
+    pub max_batch_size: Option<usize>,
+}
+
+/// Options of `mull serve`. Every field is optional here so that the flags,
+/// the environment and the file can be layered; defaults apply last.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these options (flags and environment win).
+    #[arg(long, env = "MULL_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "MULL_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "MULL_PORT")]
+    pub port: Option<u16>,
+    /// Id of the model given by --model-path [default: smollm2-135m].
+    #[arg(long, env = "MULL_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// GGUF file to serve [default: the fetched SmolLM2-135M-Instruct].
+    #[arg(long, env = "MULL_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+    /// Folder where `mull fetch` stores the default model [default: models].
+    #[arg(long, env = "MULL_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Activation dtype: f32, bf16, f16 or auto [default: f32, fastest on CPU].
+    #[arg(long, env = "MULL_DTYPE")]
+    pub dtype: Option<String>,
+    /// Device: cpu or cuda (needs a build with the `cuda` feature) [default: cpu].
+    #[arg(long, env = "MULL_DEVICE")]
+    pub device: Option<String>,
+    /// Sequences the engine decodes in one batch [default: 1]. On CPU a larger
+    /// batch is no faster with mistral.rs 0.8.1 and changes the logits
+    /// slightly, so seeded outputs would depend on concurrent traffic.
+    #[arg(long, env = "MULL_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// Requests generating at once [default: 4].
+    #[arg(long, env = "MULL_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Requests waiting for a slot before new ones get 429 [default: 16].
+    #[arg(long, env = "MULL_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+    /// Largest accepted request body, in bytes [default: 1048576].
+    #[arg(long, env = "MULL_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest `n` a request may ask for [default: 16].
+    #[arg(long, env = "MULL_MAX_N")]
+    pub max_n: Option<usize>,
+    /// Seconds a request may take, queueing included, before it is ended [default: 600].
+    #[arg(long, env = "MULL_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C [default: 30].
+    #[arg(long, env = "MULL_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// API keys, comma-separated; when set, /v1 routes need `Authorization: Bearer KEY`.
+    #[arg(long, env = "MULL_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Option<Vec<Secret>>,
+    /// Origins allowed by CORS, comma-separated; `*` allows any [default: none].
+    #[arg(long, env = "MULL_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "MULL_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter in `tracing` syntax, such as `info` or `mull=debug` [default: info].
+    #[arg(long, env = "MULL_LOG")]
+    pub log: Option<String>,
+    /// Models from the TOML file; --model-path replaces them with one.
+    #[arg(skip)]
+    pub models: Option<Vec<ModelEntry>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub dtype: String,
+    pub device: DeviceKind,
+    pub max_batch_size: usize,
+    /// Fetch the default model into this path when it is missing.
+    pub fetch_default: bool,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub models: Vec<ModelConfig>,
+    pub max_concurrent_requests: usize,
+    pub max_queued_requests: usize,
+    pub max_body_bytes: usize,
+    pub max_n: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub api_keys: Vec<Secret>,
+    pub cors_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+/// Every invalid option, each named.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+const DTYPES: &[&str] = &["f32", "bf16", "f16", "auto"];
+
+impl ServeArgs {
+    /// Layers flags over the TOML file named by `--config`, then validates.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(vec![format!("config: cannot read {}: {e}", path.display())])
+                })?;
+                toml::from_str::<ServeArgs>(&text).map_err(|e| {
+                    ConfigError(vec![format!("config: {} is not valid: {e}", path.display())])
+                })?
+            }
+            None => ServeArgs::default(),
+        };
+        self.over(file).validate()
+    }
+
+    /// Takes each option from `self` where set, else from `file`.
+    fn over(self, file: ServeArgs) -> ServeArgs {
+        macro_rules! layer {
+            ($($field:ident),*) => {
+                ServeArgs { config: self.config, $($field: self.$field.or(file.$field)),* }
+            };
+        }
+        layer!(
+            host, port, model_name, model_path, models_dir, dtype, device, max_batch_size,
+            max_concurrent_requests, max_queued_requests, max_body_bytes, max_n,
+            request_timeout_secs, shutdown_grace_secs, api_keys, cors_origins, log_format,
+            log, models
+        )
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let host = self.host.unwrap_or_else(|| "127.0.0.1".into());
+        let port = self.port.unwrap_or(8080);
+        let listen = match format!("{host}:{port}").parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => match format!("[{host}]:{port}").parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    errors.push(format!("host: `{host}` is not an IP address"));
+                    SocketAddr::from(([127, 0, 0, 1], port))
+                }
+            },
+        };
+
+        let default_dtype = self.dtype.unwrap_or_else(|| "f32".into());
+        let default_device = self.device.unwrap_or_else(|| "cpu".into());
+        let default_batch = self.max_batch_size.unwrap_or(1);
+        let entries = match (self.model_path, self.models) {
+            (Some(path), _) => vec![ModelEntry {
+                name: self.model_name.clone().unwrap_or_else(|| "smollm2-135m".into()),
+                path,
+                dtype: None,
+                device: None,
+                max_batch_size: None,
+            }],
+            (None, Some(models)) if !models.is_empty() => models,
+            _ => Vec::new(),
+        };
+        let fetch_default = entries.is_empty();
+        let entries = if fetch_default {
+            let dir = self.models_dir.unwrap_or_else(|| "models".into());
+            vec![ModelEntry {
+                name: self.model_name.unwrap_or_else(|| "smollm2-135m".into()),
+                path: dir.join(DEFAULT_MODEL_FILE),
+                dtype: None,
+                device: None,
+                max_batch_size: None,
+            }]
+        } else {
+            entries
+        };
+
+        let mut models = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let field = |name: &str| format!("models[{i}].{name}");
+            let dtype = entry.dtype.unwrap_or_else(|| default_dtype.clone());
+            if !DTYPES.contains(&dtype.as_str()) {
+                errors.push(format!("{}: `{dtype}` is not one of {}", field("dtype"), DTYPES.join(", ")));
+            }
+            let device = match entry.device.as_deref().unwrap_or(&default_device) {
+                "cpu" => DeviceKind::Cpu,
+                "cuda" => DeviceKind::Cuda,
+                other => {
+                    errors.push(format!("{}: `{other}` is not cpu or cuda", field("device")));
+                    DeviceKind::Cpu
+                }
+            };
+            if device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+                errors.push(format!("{}: cuda needs a build with `--features cuda`", field("device")));
+            }
+            if entry.name.is_empty() {
+                errors.push(format!("{}: must not be empty", field("name")));
+            }
+            if models.iter().any(|m: &ModelConfig| m.name == entry.name) {
+                errors.push(format!("{}: `{}` is configured twice", field("name"), entry.name));
+            }
+            if !fetch_default && !entry.path.is_file() {
+                errors.push(format!("{}: {} is not a file", field("path"), entry.path.display()));
+            }
+            let max_batch_size = entry.max_batch_size.unwrap_or(default_batch);
+            if max_batch_size == 0 {
+                errors.push(format!("{}: must be at least 1", field("max_batch_size")));
+            }
+            models.push(ModelConfig {
+                name: entry.name,
+                path: entry.path,
+                dtype,
+                device,
+                max_batch_size,
+                fetch_default,
+            });
+        }
+
+        let mut at_least_one = |name: &str, value: Option<usize>, default: usize| {
+            let value = value.unwrap_or(default);
+            if value == 0 {
+                errors.push(format!("{name}: must be at least 1"));
+            }
+            value
+        };
+        let max_concurrent_requests =
+            at_least_one("max_concurrent_requests", self.max_concurrent_requests, 4);
+        let max_body_bytes = at_least_one("max_body_bytes", self.max_body_bytes, 1 << 20);
+        let max_n = at_least_one("max_n", self.max_n, 16);
+        let request_timeout_secs = self.request_timeout_secs.unwrap_or(600);
+        if request_timeout_secs == 0 {
+            errors.push("request_timeout_secs: must be at least 1".into());
+        }
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                errors.push(format!("log_format: `{other}` is not text or json"));
+                LogFormat::Text
+            }
+        };
+        let api_keys = self.api_keys.unwrap_or_default();
+        if api_keys.iter().any(|k| k.expose().trim().is_empty()) {
+            errors.push("api_keys: keys must not be empty".into());
+        }
+        let log = self.log.unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
+            errors.push(format!("log: `{log}` is not a valid filter"));
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
+        Ok(Config {
+            listen,
+            models,
+            max_concurrent_requests,
+            max_queued_requests: self.max_queued_requests.unwrap_or(16),
+            max_body_bytes,
+            max_n,
+            request_timeout: Duration::from_secs(request_timeout_secs),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30)),
+            api_keys,
+            cors_origins: self.cors_origins.unwrap_or_default(),
+            log_format,
+            log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve() {
+        let config = ServeArgs::default().resolve().unwrap();
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.models.len(), 1);
+        assert!(config.models[0].fetch_default);
+        assert_eq!(config.models[0].dtype, "f32");
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let args = ServeArgs {
+            max_concurrent_requests: Some(0),
+            log_format: Some("xml".into()),
+            dtype: Some("f8".into()),
+            ..ServeArgs::default()
+        };
+        let ConfigError(errors) = args.resolve().unwrap_err();
+        let all = errors.join("\n");
+        assert!(all.contains("max_concurrent_requests"), "{all}");
+        assert!(all.contains("log_format"), "{all}");
+        assert!(all.contains("models[0].dtype"), "{all}");
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: ServeArgs = toml::from_str("port = 9000\nmax_n = 3").unwrap();
+        let flags = ServeArgs {
+            port: Some(9100),
+            ..ServeArgs::default()
+        };
+        let config = flags.over(file).validate().unwrap();
+        assert_eq!(config.listen.port(), 9100);
+        assert_eq!(config.max_n, 3);
+    }
+
+    #[test]
+    fn api_keys_redacted_in_debug() {
+        let args = ServeArgs {
+            api_keys: Some(vec![Secret("sk-very-secret".into())]),
+            ..ServeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert!(!format!("{config:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn unknown_file_key_rejected() {
+        assert!(toml::from_str::<ServeArgs>("prot = 1").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! mull: an OpenAI-compatible inference server for quantized models.
+//!
+//! - [`api`]: OpenAI request and response types, validated at the edge.
+//! - [`server`]: routes, admission, authentication, streaming.
+//! - [`engine`]: the engine trait and its mistral.rs implementation.
+//! - [`generation`]: engine steps to client text (UTF-8, stop strings).
+//! - [`metrics`]: Prometheus metrics.
+//! - [`config`]: flags, environment and TOML configuration.
+//! - [`fetch`]: fetching and requantizing the default model.
+//! - [`serve`]: starting, loading and draining a server.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod fetch;
+pub mod generation;
+pub mod metrics;
+pub mod serve;
+pub mod server;

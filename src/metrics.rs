@@ -1,0 +1,141 @@
+//! Prometheus metrics. Names carry the `mull_` prefix; labels come from small
+//! fixed sets (configured model names, endpoint, status class, finish
+//! reason) so that clients cannot grow the series count.
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Label used for requests naming a model that is not served.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounterVec,
+    pub generation_tokens: IntCounterVec,
+    pub finished_choices: IntCounterVec,
+    pub time_to_first_token: HistogramVec,
+    pub inter_token_latency: HistogramVec,
+    pub request_latency: HistogramVec,
+    pub queue_time: HistogramVec,
+    pub running: IntGaugeVec,
+    pub waiting: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric names and labels are valid");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let requests = counter(
+            "mull_requests_total",
+            "HTTP requests to the generation and model routes, by status class",
+            &["model", "endpoint", "status"],
+        );
+        let prompt_tokens = counter(
+            "mull_prompt_tokens_total",
+            "Prompt tokens of finished requests, as reported in usage",
+            &["model"],
+        );
+        let generation_tokens = counter(
+            "mull_generation_tokens_total",
+            "Generated tokens of finished requests, as reported in usage",
+            &["model"],
+        );
+        let finished_choices = counter(
+            "mull_finished_choices_total",
+            "Choices that ended, by finish reason",
+            &["model", "finish_reason"],
+        );
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("metric names and labels are valid");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let seconds = || exponential_buckets(0.001, 2.0, 18).expect("valid bucket layout");
+        let time_to_first_token = histogram(
+            "mull_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token",
+            &["model"],
+            seconds(),
+        );
+        let inter_token_latency = histogram(
+            "mull_inter_token_latency_seconds",
+            "Time between consecutive tokens of one choice",
+            &["model"],
+            seconds(),
+        );
+        let request_latency = histogram(
+            "mull_request_latency_seconds",
+            "End-to-end time of generation requests",
+            &["model", "endpoint"],
+            seconds(),
+        );
+        let queue_time = histogram(
+            "mull_queue_time_seconds",
+            "Time requests waited for a generation slot",
+            &["model"],
+            seconds(),
+        );
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), &["model"])
+                .expect("metric names and labels are valid");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let running = gauge("mull_requests_running", "Requests holding a generation slot");
+        let waiting = gauge("mull_requests_waiting", "Requests queued for a generation slot");
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generation_tokens,
+            finished_choices,
+            time_to_first_token,
+            inter_token_latency,
+            request_latency,
+            queue_time,
+            running,
+            waiting,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding into memory cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `2xx`, `4xx` or `5xx` (and so on) for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,158 @@
+//! HTTP layer: routing, request admission, authentication, observability and
+//! the OpenAI-compatible handlers.
+
+mod admission;
+mod auth;
+mod generate;
+mod observe;
+mod routes;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    extract::DefaultBodyLimit,
+    http::{header, HeaderValue, Method},
+    middleware,
+    routing::{get, post},
+    Router,
+};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use admission::{Admission, Permit};
+
+use crate::{api::params::Limits, config::Config, engine::Engine, metrics::Metrics};
+
+/// One configured model and, once loaded, its engine.
+pub struct ModelSlot {
+    pub name: String,
+    pub created: u64,
+    engine: OnceLock<Arc<dyn Engine>>,
+    /// Set once the engine has generated its first token.
+    ready: AtomicBool,
+    pub admission: Admission,
+}
+
+impl ModelSlot {
+    pub fn engine(&self) -> Option<Arc<dyn Engine>> {
+        self.engine.get().cloned()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Installs the loaded engine; the model is served from then on.
+    pub fn install(&self, engine: Arc<dyn Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+}
+
+/// State shared by every handler.
+pub struct AppState {
+    pub config: Config,
+    pub models: Vec<Arc<ModelSlot>>,
+    pub metrics: Metrics,
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// State with one empty slot per configured model.
+    pub fn new(config: Config) -> Self {
+        let metrics = Metrics::new();
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let models = config
+            .models
+            .iter()
+            .map(|model| {
+                let gauge = |g: &prometheus::IntGaugeVec| g.with_label_values(&[&model.name]);
+                Arc::new(ModelSlot {
+                    name: model.name.clone(),
+                    created,
+                    engine: OnceLock::new(),
+                    ready: AtomicBool::new(false),
+                    admission: Admission::new(
+                        config.max_concurrent_requests,
+                        config.max_queued_requests,
+                        gauge(&metrics.running),
+                        gauge(&metrics.waiting),
+                    ),
+                })
+            })
+            .collect();
+        let limits = Limits {
+            max_n: config.max_n,
+            ..Limits::default()
+        };
+        Self {
+            config,
+            models,
+            metrics,
+            limits,
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Arc<ModelSlot>> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+/// The whole HTTP application, drivable without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/completions", post(generate::completions))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    let mut router = Router::new()
+        .route("/health", get(routes::health))
+        .route("/ready", get(routes::ready))
+        .route("/metrics", get(routes::metrics))
+        .merge(v1)
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        // Handlers read the body themselves, with the configured limit, so
+        // that an oversized body gets the OpenAI error envelope.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), observe::observe));
+    if let Some(cors) = cors_layer(&state.config.cors_origins) {
+        router = router.layer(cors);
+    }
+    router.with_state(state)
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::HeaderName::from_static(observe::REQUEST_ID_HEADER)]),
+    )
+}

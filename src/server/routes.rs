@@ -1,0 +1,73 @@
+//! Routes that do not generate: health, readiness, metrics, models.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::json;
+
+use super::AppState;
+use crate::api::{
+    response::{ModelCard, ModelList},
+    ApiError,
+};
+
+/// Liveness: the process serves HTTP.
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: every configured model is loaded and has generated a token.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let loading: Vec<&str> = state
+        .models
+        .iter()
+        .filter(|m| !m.is_ready())
+        .map(|m| m.name.as_str())
+        .collect();
+    if loading.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        let mut error = ApiError::not_ready();
+        error.message = format!("models still loading: {}", loading.join(", "));
+        error.into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    let data = state
+        .models
+        .iter()
+        .map(|slot| ModelCard {
+            id: slot.name.clone(),
+            object: "model",
+            created: slot.created,
+            owned_by: "mull",
+            max_model_len: slot.engine().map(|e| e.info().context_length),
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
