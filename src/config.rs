@@ -7,7 +7,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::fetch::DEFAULT_MODEL_FILE;
+use crate::fetch::DefaultFormat;
 
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// Folder where `mull fetch` stores the default model [default: models].
     #[arg(long, env = "MULL_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
+    /// Format the default model is served in: q8_0 (converted once from the
+    /// shipped Q4_1, fastest on CPU), q4_1 (as shipped) or q4_0 [default: q8_0].
+    #[arg(long, env = "MULL_DEFAULT_FORMAT")]
+    pub default_format: Option<String>,
     /// Activation dtype: f32, bf16, f16 or auto [default: f32, fastest on CPU].
     #[arg(long, env = "MULL_DTYPE")]
     pub dtype: Option<String>,
@@ -135,8 +139,9 @@ pub struct ModelConfig {
     pub dtype: String,
     pub device: DeviceKind,
     pub max_batch_size: usize,
-    /// Fetch the default model into this path when it is missing.
-    pub fetch_default: bool,
+    /// Set for the default model, which is fetched (and converted to this
+    /// format) when its file is missing.
+    pub fetch_default: Option<DefaultFormat>,
 }
 
 /// Validated configuration.
@@ -188,7 +193,7 @@ impl ServeArgs {
             };
         }
         layer!(
-            host, port, model_name, model_path, models_dir, dtype, device, max_batch_size,
+            host, port, model_name, model_path, models_dir, default_format, dtype, device, max_batch_size,
             max_concurrent_requests, max_queued_requests, max_body_bytes, max_n,
             request_timeout_secs, shutdown_grace_secs, api_keys, cors_origins, log_format,
             log, models
@@ -224,12 +229,19 @@ impl ServeArgs {
             (None, Some(models)) if !models.is_empty() => models,
             _ => Vec::new(),
         };
-        let fetch_default = entries.is_empty();
-        let entries = if fetch_default {
+        let format = match self.default_format.as_deref().unwrap_or("q8_0").parse() {
+            Ok(format) => format,
+            Err(e) => {
+                errors.push(format!("default_format: {e}"));
+                DefaultFormat::Q8_0
+            }
+        };
+        let fetch_default = entries.is_empty().then_some(format);
+        let entries = if fetch_default.is_some() {
             let dir = self.models_dir.unwrap_or_else(|| "models".into());
             vec![ModelEntry {
                 name: self.model_name.unwrap_or_else(|| "smollm2-135m".into()),
-                path: dir.join(DEFAULT_MODEL_FILE),
+                path: dir.join(format.file_name()),
                 dtype: None,
                 device: None,
                 max_batch_size: None,
@@ -262,7 +274,7 @@ impl ServeArgs {
             if models.iter().any(|m: &ModelConfig| m.name == entry.name) {
                 errors.push(format!("{}: `{}` is configured twice", field("name"), entry.name));
             }
-            if !fetch_default && !entry.path.is_file() {
+            if fetch_default.is_none() && !entry.path.is_file() {
                 errors.push(format!("{}: {} is not a file", field("path"), entry.path.display()));
             }
             let max_batch_size = entry.max_batch_size.unwrap_or(default_batch);
@@ -339,7 +351,7 @@ mod tests {
         let config = ServeArgs::default().resolve().unwrap();
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.models.len(), 1);
-        assert!(config.models[0].fetch_default);
+        assert_eq!(config.models[0].fetch_default, Some(DefaultFormat::Q8_0));
         assert_eq!(config.models[0].dtype, "f32");
     }
 

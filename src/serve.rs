@@ -63,9 +63,9 @@ pub async fn load_models(state: Arc<AppState>) {
 }
 
 async fn load_model(config: &ModelConfig) -> anyhow::Result<Arc<dyn Engine>> {
-    if config.fetch_default && !config.path.is_file() {
-        let path = config.path.clone();
-        tokio::task::spawn_blocking(move || fetch::fetch_default_model(&path)).await??;
+    if let Some(format) = config.fetch_default.filter(|_| !config.path.is_file()) {
+        let dir = config.path.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        tokio::task::spawn_blocking(move || fetch::ensure_default_model(&dir, format)).await??;
     }
     info!(model = %config.name, path = %config.path.display(), dtype = %config.dtype, "loading model");
     let engine = MistralEngine::load(MistralConfig {

@@ -42,24 +42,19 @@ fn block<T: Send + 'static>(future: impl std::future::Future<Output = T> + Send 
         .expect("setup thread does not panic")
 }
 
-/// Path of the default model, fetched on first use.
+/// Path of the default model as the server runs it by default (Q8_0),
+/// fetched and converted on first use; `MULL_TEST_MODEL` overrides it.
 pub fn model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let path = match std::env::var_os("MULL_TEST_MODEL") {
-            Some(path) => PathBuf::from(path),
-            None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models")
-                .join(fetch::DEFAULT_MODEL_FILE),
-        };
-        if !path.is_file() {
-            let target = path.clone();
-            std::thread::spawn(move || fetch::fetch_default_model(&target))
-                .join()
-                .expect("fetch thread does not panic")
-                .expect("the default model can be fetched");
+        if let Some(path) = std::env::var_os("MULL_TEST_MODEL") {
+            return PathBuf::from(path);
         }
-        path
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+        std::thread::spawn(move || fetch::ensure_default_model(&dir, fetch::DefaultFormat::Q8_0))
+            .join()
+            .expect("fetch thread does not panic")
+            .expect("the default model can be fetched")
     })
     .clone()
 }

@@ -1,0 +1,139 @@
+//! `mull speed`: prefill and decode speed of one model in-process, without
+//! HTTP, for comparing builds, quantization formats and dtypes.
+
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
+use clap::Args;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{
+    mistral::{MistralConfig, MistralEngine},
+    Engine, GenerateRequest, SamplingParams, StepEvent,
+};
+
+/// Text the prompts are cut from; its content does not matter for speed.
+const FILLER: &str = "The history of the city begins with a small settlement on the river. \
+Merchants came to trade grain, salt and cloth, and the market grew into a town with walls, \
+gates and a cathedral. Over the centuries the town became a center of learning, with a \
+university, printing houses and libraries that drew scholars from across the continent. ";
+
+#[derive(Debug, Args)]
+pub struct SpeedArgs {
+    /// GGUF file to measure.
+    #[arg(long)]
+    pub model_path: PathBuf,
+    /// Activation dtype: f32, bf16, f16 or auto.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Prompt length for the prefill measurement, in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate for the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Repetitions of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Label for this configuration in the output.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SpeedReport {
+    pub label: String,
+    pub model: String,
+    pub dtype: String,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub prefill_runs: Vec<f64>,
+    pub decode_runs: Vec<f64>,
+}
+
+/// Times one generation: seconds to the first token, seconds from the first
+/// to the last token, and the number of tokens.
+async fn time_generation(
+    engine: &dyn Engine,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let start = Instant::now();
+    let mut continuation = engine
+        .generate(GenerateRequest {
+            prompt,
+            n: 1,
+            sampling: SamplingParams::greedy(),
+            seed: Some(0),
+            max_tokens,
+            stop_tokens: Default::default(),
+            top_logprobs: 0,
+            cancel: CancellationToken::new(),
+        })?
+        .remove(0);
+    let mut first = None;
+    let mut tokens = 0;
+    while let Some(event) = continuation.events.recv().await {
+        match event {
+            StepEvent::Token(_) => {
+                tokens += 1;
+                first.get_or_insert_with(Instant::now);
+            }
+            StepEvent::Finished(_) => break,
+            StepEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
+        }
+    }
+    let first = first.ok_or_else(|| anyhow::anyhow!("no token was generated"))?;
+    Ok((
+        (first - start).as_secs_f64(),
+        first.elapsed().as_secs_f64(),
+        tokens,
+    ))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub async fn run(args: SpeedArgs) -> anyhow::Result<SpeedReport> {
+    let engine: Arc<dyn Engine> = Arc::new(
+        MistralEngine::load(MistralConfig {
+            path: args.model_path.clone(),
+            dtype: args.dtype.clone(),
+            cuda: false,
+            max_batch_size: 1,
+            prefix_cache_entries: 0,
+        })
+        .await?,
+    );
+    let filler = engine.tokenize(&FILLER.repeat(1 + args.prompt_tokens / 40)).await?;
+    anyhow::ensure!(filler.len() >= args.prompt_tokens + args.repeat, "filler text too short");
+
+    // One unmeasured run warms caches and allocations.
+    time_generation(engine.as_ref(), filler[..16].to_vec(), 4).await?;
+    let mut prefill_runs = Vec::new();
+    let mut decode_runs = Vec::new();
+    for rep in 0..args.repeat {
+        // A different prompt each time, so no prefix is reused.
+        let prompt = filler[rep..rep + args.prompt_tokens].to_vec();
+        let (to_first, _, _) = time_generation(engine.as_ref(), prompt, 1).await?;
+        prefill_runs.push(args.prompt_tokens as f64 / to_first);
+        eprintln!("speed: {} prefill run {}: {:.1} tokens/s", args.label, rep + 1, prefill_runs[rep]);
+
+        let prompt = engine.tokenize(&format!("Chapter {rep}. Once upon a time")).await?;
+        let (_, decoding, tokens) =
+            time_generation(engine.as_ref(), prompt, args.decode_tokens).await?;
+        decode_runs.push((tokens - 1) as f64 / decoding);
+        eprintln!("speed: {} decode run {}: {:.1} tokens/s", args.label, rep + 1, decode_runs[rep]);
+    }
+    Ok(SpeedReport {
+        label: args.label,
+        model: args.model_path.display().to_string(),
+        dtype: args.dtype,
+        prefill_tokens_per_s: median(&mut prefill_runs.clone()),
+        decode_tokens_per_s: median(&mut decode_runs.clone()),
+        prefill_runs,
+        decode_runs,
+    })
+}
