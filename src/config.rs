@@ -44,6 +44,9 @@ pub struct ModelEntry {
     pub dtype: Option<String>,
     pub device: Option<String>,
     pub max_batch_size: Option<usize>,
+    /// Decoding used when a request names none: a preset name or a
+    /// `decoding` table.
+    pub default_strategy: Option<serde_json::Value>,
 }
 
 /// Options of `mull serve`. Every field is optional here so that the flags,
@@ -104,7 +107,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MULL_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
     /// API keys, comma-separated; when set, /v1 routes need `Authorization: Bearer KEY`.
-    #[arg(long, env = "MULL_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "MULL_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Option<Vec<Secret>>,
     /// Origins allowed by CORS, comma-separated; `*` allows any [default: none].
     #[arg(long, env = "MULL_CORS_ORIGINS", value_delimiter = ',')]
@@ -115,9 +123,16 @@ pub struct ServeArgs {
     /// Log filter in `tracing` syntax, such as `info` or `mull=debug` [default: info].
     #[arg(long, env = "MULL_LOG")]
     pub log: Option<String>,
+    /// JSON file of behaviors for the handbook strategy [default: none].
+    #[arg(long, env = "MULL_HANDBOOK_PATH")]
+    pub handbook_path: Option<PathBuf>,
     /// Models from the TOML file; --model-path replaces them with one.
     #[arg(skip)]
     pub models: Option<Vec<ModelEntry>>,
+    /// Named `decoding` objects from the TOML file; each is also served as
+    /// the model alias `MODEL:PRESET`.
+    #[arg(skip)]
+    pub presets: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +154,8 @@ pub struct ModelConfig {
     pub dtype: String,
     pub device: DeviceKind,
     pub max_batch_size: usize,
+    /// The `decoding` object applied when a request has none.
+    pub default_strategy: Option<serde_json::Value>,
     /// Set for the default model, which is fetched (and converted to this
     /// format) when its file is missing.
     pub fetch_default: Option<DefaultFormat>,
@@ -159,6 +176,10 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
     pub log: String,
+    /// Behaviors read from `handbook_path`.
+    pub handbook: Vec<crate::decoding::Behavior>,
+    /// Validated `decoding` objects by preset name.
+    pub presets: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Every invalid option, each named.
@@ -177,7 +198,10 @@ impl ServeArgs {
                     ConfigError(vec![format!("config: cannot read {}: {e}", path.display())])
                 })?;
                 toml::from_str::<ServeArgs>(&text).map_err(|e| {
-                    ConfigError(vec![format!("config: {} is not valid: {e}", path.display())])
+                    ConfigError(vec![format!(
+                        "config: {} is not valid: {e}",
+                        path.display()
+                    )])
                 })?
             }
             None => ServeArgs::default(),
@@ -193,10 +217,28 @@ impl ServeArgs {
             };
         }
         layer!(
-            host, port, model_name, model_path, models_dir, default_format, dtype, device, max_batch_size,
-            max_concurrent_requests, max_queued_requests, max_body_bytes, max_n,
-            request_timeout_secs, shutdown_grace_secs, api_keys, cors_origins, log_format,
-            log, models
+            host,
+            port,
+            model_name,
+            model_path,
+            models_dir,
+            default_format,
+            dtype,
+            device,
+            max_batch_size,
+            max_concurrent_requests,
+            max_queued_requests,
+            max_body_bytes,
+            max_n,
+            request_timeout_secs,
+            shutdown_grace_secs,
+            api_keys,
+            cors_origins,
+            log_format,
+            log,
+            handbook_path,
+            models,
+            presets
         )
     }
 
@@ -220,11 +262,15 @@ impl ServeArgs {
         let default_batch = self.max_batch_size.unwrap_or(1);
         let entries = match (self.model_path, self.models) {
             (Some(path), _) => vec![ModelEntry {
-                name: self.model_name.clone().unwrap_or_else(|| "smollm2-135m".into()),
+                name: self
+                    .model_name
+                    .clone()
+                    .unwrap_or_else(|| "smollm2-135m".into()),
                 path,
                 dtype: None,
                 device: None,
                 max_batch_size: None,
+                default_strategy: None,
             }],
             (None, Some(models)) if !models.is_empty() => models,
             _ => Vec::new(),
@@ -245,17 +291,33 @@ impl ServeArgs {
                 dtype: None,
                 device: None,
                 max_batch_size: None,
+                default_strategy: None,
             }]
         } else {
             entries
         };
 
+        let presets = self.presets.unwrap_or_default();
+        for (name, value) in &presets {
+            if name.is_empty() || name.contains(':') {
+                errors.push(format!(
+                    "presets.{name}: a preset name must be non-empty and without `:`"
+                ));
+            }
+            if let Err(e) = crate::decoding::parse(value, &format!("presets.{name}")) {
+                errors.push(format!("{}: {}", e.param.unwrap_or_default(), e.message));
+            }
+        }
         let mut models = Vec::new();
         for (i, entry) in entries.into_iter().enumerate() {
             let field = |name: &str| format!("models[{i}].{name}");
             let dtype = entry.dtype.unwrap_or_else(|| default_dtype.clone());
             if !DTYPES.contains(&dtype.as_str()) {
-                errors.push(format!("{}: `{dtype}` is not one of {}", field("dtype"), DTYPES.join(", ")));
+                errors.push(format!(
+                    "{}: `{dtype}` is not one of {}",
+                    field("dtype"),
+                    DTYPES.join(", ")
+                ));
             }
             let device = match entry.device.as_deref().unwrap_or(&default_device) {
                 "cpu" => DeviceKind::Cpu,
@@ -266,17 +328,47 @@ impl ServeArgs {
                 }
             };
             if device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
-                errors.push(format!("{}: cuda needs a build with `--features cuda`", field("device")));
+                errors.push(format!(
+                    "{}: cuda needs a build with `--features cuda`",
+                    field("device")
+                ));
             }
             if entry.name.is_empty() {
                 errors.push(format!("{}: must not be empty", field("name")));
             }
             if models.iter().any(|m: &ModelConfig| m.name == entry.name) {
-                errors.push(format!("{}: `{}` is configured twice", field("name"), entry.name));
+                errors.push(format!(
+                    "{}: `{}` is configured twice",
+                    field("name"),
+                    entry.name
+                ));
             }
             if fetch_default.is_none() && !entry.path.is_file() {
-                errors.push(format!("{}: {} is not a file", field("path"), entry.path.display()));
+                errors.push(format!(
+                    "{}: {} is not a file",
+                    field("path"),
+                    entry.path.display()
+                ));
             }
+            let default_strategy = match entry.default_strategy {
+                Some(serde_json::Value::String(preset)) => match presets.get(&preset) {
+                    Some(value) => Some(value.clone()),
+                    None => {
+                        errors.push(format!(
+                            "{}: no preset named `{preset}`",
+                            field("default_strategy")
+                        ));
+                        None
+                    }
+                },
+                Some(value) => {
+                    if let Err(e) = crate::decoding::parse(&value, &field("default_strategy")) {
+                        errors.push(format!("{}: {}", e.param.unwrap_or_default(), e.message));
+                    }
+                    Some(value)
+                }
+                None => None,
+            };
             let max_batch_size = entry.max_batch_size.unwrap_or(default_batch);
             if max_batch_size == 0 {
                 errors.push(format!("{}: must be at least 1", field("max_batch_size")));
@@ -287,6 +379,7 @@ impl ServeArgs {
                 dtype,
                 device,
                 max_batch_size,
+                default_strategy,
                 fetch_default,
             });
         }
@@ -318,6 +411,16 @@ impl ServeArgs {
         if api_keys.iter().any(|k| k.expose().trim().is_empty()) {
             errors.push("api_keys: keys must not be empty".into());
         }
+        let handbook = match &self.handbook_path {
+            Some(path) => match crate::decoding::handbook::read_behaviors(path) {
+                Ok(behaviors) => behaviors,
+                Err(e) => {
+                    errors.push(format!("handbook_path: {e}"));
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
         let log = self.log.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
             errors.push(format!("log: `{log}` is not a valid filter"));
@@ -338,6 +441,8 @@ impl ServeArgs {
             cors_origins: self.cors_origins.unwrap_or_default(),
             log_format,
             log,
+            handbook,
+            presets,
         })
     }
 }
@@ -390,6 +495,30 @@ mod tests {
         };
         let config = args.resolve().unwrap();
         assert!(!format!("{config:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn presets_validated_and_resolved() {
+        let file: ServeArgs = toml::from_str(
+            r#"
+            [presets.consistent]
+            strategy = "self_consistency"
+            samples = 3
+
+            [presets.broken]
+            strategy = "self_consistency"
+            samples = 0
+
+            [[models]]
+            name = "m"
+            path = "Cargo.toml"
+            default_strategy = "consistent"
+            "#,
+        )
+        .unwrap();
+        let ConfigError(errors) = ServeArgs::default().over(file).validate().unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("presets.broken.samples"), "{errors:?}");
     }
 
     #[test]

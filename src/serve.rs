@@ -30,12 +30,14 @@ pub async fn run(
     let grace = state.config.shutdown_grace;
     let stopping = CancellationToken::new();
     let signal = stopping.clone();
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            info!(grace_secs = grace.as_secs(), "shutting down; draining in-flight requests");
-            signal.cancel();
-        });
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        info!(
+            grace_secs = grace.as_secs(),
+            "shutting down; draining in-flight requests"
+        );
+        signal.cancel();
+    });
     let deadline = async {
         stopping.cancelled().await;
         tokio::time::sleep(grace).await;
@@ -64,7 +66,11 @@ pub async fn load_models(state: Arc<AppState>) {
 
 async fn load_model(config: &ModelConfig) -> anyhow::Result<Arc<dyn Engine>> {
     if let Some(format) = config.fetch_default.filter(|_| !config.path.is_file()) {
-        let dir = config.path.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        let dir = config
+            .path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
         tokio::task::spawn_blocking(move || fetch::ensure_default_model(&dir, format)).await??;
     }
     info!(model = %config.name, path = %config.path.display(), dtype = %config.dtype, "loading model");
@@ -93,6 +99,7 @@ async fn warm_up(slot: &ModelSlot, engine: &dyn Engine) {
         max_tokens: 1,
         stop_tokens: Default::default(),
         top_logprobs: 0,
+        keep_distribution: false,
         cancel: CancellationToken::new(),
     };
     let mut continuation = match engine.generate(request) {

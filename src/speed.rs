@@ -68,6 +68,7 @@ async fn time_generation(
             max_tokens,
             stop_tokens: Default::default(),
             top_logprobs: 0,
+            keep_distribution: false,
             cancel: CancellationToken::new(),
         })?
         .remove(0);
@@ -107,8 +108,13 @@ pub async fn run(args: SpeedArgs) -> anyhow::Result<SpeedReport> {
         })
         .await?,
     );
-    let filler = engine.tokenize(&FILLER.repeat(1 + args.prompt_tokens / 40)).await?;
-    anyhow::ensure!(filler.len() >= args.prompt_tokens + args.repeat, "filler text too short");
+    let filler = engine
+        .tokenize(&FILLER.repeat(1 + args.prompt_tokens / 40))
+        .await?;
+    anyhow::ensure!(
+        filler.len() >= args.prompt_tokens + args.repeat,
+        "filler text too short"
+    );
 
     // One unmeasured run warms caches and allocations.
     time_generation(engine.as_ref(), filler[..16].to_vec(), 4).await?;
@@ -119,13 +125,25 @@ pub async fn run(args: SpeedArgs) -> anyhow::Result<SpeedReport> {
         let prompt = filler[rep..rep + args.prompt_tokens].to_vec();
         let (to_first, _, _) = time_generation(engine.as_ref(), prompt, 1).await?;
         prefill_runs.push(args.prompt_tokens as f64 / to_first);
-        eprintln!("speed: {} prefill run {}: {:.1} tokens/s", args.label, rep + 1, prefill_runs[rep]);
+        eprintln!(
+            "speed: {} prefill run {}: {:.1} tokens/s",
+            args.label,
+            rep + 1,
+            prefill_runs[rep]
+        );
 
-        let prompt = engine.tokenize(&format!("Chapter {rep}. Once upon a time")).await?;
+        let prompt = engine
+            .tokenize(&format!("Chapter {rep}. Once upon a time"))
+            .await?;
         let (_, decoding, tokens) =
             time_generation(engine.as_ref(), prompt, args.decode_tokens).await?;
         decode_runs.push((tokens - 1) as f64 / decoding);
-        eprintln!("speed: {} decode run {}: {:.1} tokens/s", args.label, rep + 1, decode_runs[rep]);
+        eprintln!(
+            "speed: {} decode run {}: {:.1} tokens/s",
+            args.label,
+            rep + 1,
+            decode_runs[rep]
+        );
     }
     Ok(SpeedReport {
         label: args.label,

@@ -16,17 +16,33 @@ fn client() -> reqwest::Client {
 }
 
 async fn post(url: &str, body: Value) -> (u16, Value) {
-    let response = client().post(url).json(&body).send().await.expect("request sent");
+    let response = client()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent");
     let status = response.status().as_u16();
     let value = response.json().await.expect("JSON body");
     (status, value)
 }
 
 async fn post_stream(url: &str, body: Value) -> Vec<String> {
-    let response = client().post(url).json(&body).send().await.expect("request sent");
+    let response = client()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent");
     assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
     sse_data(&response.text().await.expect("stream body"))
 }
 
@@ -45,7 +61,10 @@ fn chat_body(content: &str, extra: Value) -> Value {
 
 fn assert_error(body: &Value, param: Option<&str>) {
     let error = &body["error"];
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(error["type"].is_string(), "{body}");
     assert!(error.get("code").is_some(), "{body}");
     match param {
@@ -57,7 +76,11 @@ fn assert_error(body: &Value, param: Option<&str>) {
 #[tokio::test]
 async fn chat_returns_text_and_usage() {
     let server = shared();
-    let (status, body) = post(&server.url("/v1/chat/completions"), chat_body("What is the capital of France?", json!({}))).await;
+    let (status, body) = post(
+        &server.url("/v1/chat/completions"),
+        chat_body("What is the capital of France?", json!({})),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], MODEL);
@@ -118,7 +141,11 @@ async fn chat_stream_follows_chunk_contract() {
         let index = choice["index"].as_u64().unwrap() as usize;
         assert!(!finished[index], "chunk after finish: {chunk}");
         let delta = &choice["delta"];
-        assert_eq!(delta.get("role").is_some(), !seen_role[index], "role only first: {chunk}");
+        assert_eq!(
+            delta.get("role").is_some(),
+            !seen_role[index],
+            "role only first: {chunk}"
+        );
         seen_role[index] = true;
         if let Some(content) = delta.get("content") {
             texts[index].push_str(content.as_str().unwrap());
@@ -158,7 +185,10 @@ async fn completion_stream_matches_whole() {
     for event in &events[..events.len() - 1] {
         let chunk: Value = serde_json::from_str(event).unwrap();
         assert_eq!(chunk["object"], "text_completion");
-        assert!(chunk.get("usage").is_none(), "usage only when requested: {chunk}");
+        assert!(
+            chunk.get("usage").is_none(),
+            "usage only when requested: {chunk}"
+        );
         text.push_str(chunk["choices"][0]["text"].as_str().unwrap());
     }
     let mut whole = body;
@@ -170,11 +200,19 @@ async fn completion_stream_matches_whole() {
 #[tokio::test]
 async fn seed_reproduces_sampling() {
     let server = shared();
-    let body = |seed: u64| chat_body("Write a word.", json!({"temperature": 1.0, "seed": seed, "max_tokens": 12}));
+    let body = |seed: u64| {
+        chat_body(
+            "Write a word.",
+            json!({"temperature": 1.0, "seed": seed, "max_tokens": 12}),
+        )
+    };
     let url = server.url("/v1/chat/completions");
     let (_, first) = post(&url, body(11)).await;
     let (_, again) = post(&url, body(11)).await;
-    assert_eq!(first["choices"][0]["message"], again["choices"][0]["message"]);
+    assert_eq!(
+        first["choices"][0]["message"],
+        again["choices"][0]["message"]
+    );
     let mut differs = false;
     for seed in [12, 13, 14] {
         let (_, other) = post(&url, body(seed)).await;
@@ -202,25 +240,46 @@ async fn chat_logprobs_cover_each_token() {
     let server = shared();
     let (status, body) = post(
         &server.url("/v1/chat/completions"),
-        chat_body("Say hello.", json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 6})),
+        chat_body(
+            "Say hello.",
+            json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 6}),
+        ),
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
     let tokens = body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
     let finish = body["choices"][0]["finish_reason"].as_str().unwrap();
     // A finishing end-of-turn token has no text and no logprob entry.
-    let expected = if finish == "length" { tokens } else { tokens - 1 };
-    assert!(content.len() >= expected.min(1) && content.len() <= tokens, "{body}");
-    let joined: String = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
-    assert_eq!(joined, body["choices"][0]["message"]["content"].as_str().unwrap());
+    let expected = if finish == "length" {
+        tokens
+    } else {
+        tokens - 1
+    };
+    assert!(
+        content.len() >= expected.min(1) && content.len() <= tokens,
+        "{body}"
+    );
+    let joined: String = content
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        joined,
+        body["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     for entry in content {
         let logprob = entry["logprob"].as_f64().unwrap();
         assert!(logprob <= 0.0);
         let top = entry["top_logprobs"].as_array().unwrap();
         assert_eq!(top.len(), 3);
         // Greedy decoding picks the most likely token.
-        assert!((top[0]["logprob"].as_f64().unwrap() - logprob).abs() < 1e-4, "{entry}");
+        assert!(
+            (top[0]["logprob"].as_f64().unwrap() - logprob).abs() < 1e-4,
+            "{entry}"
+        );
     }
 }
 
@@ -272,7 +331,14 @@ async fn stop_string_spanning_tokens_is_cut() {
 #[tokio::test]
 async fn models_lists_configured_model() {
     let server = shared();
-    let body: Value = client().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let body: Value = client()
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["object"], "list");
     assert_eq!(body["data"][0]["id"], MODEL);
     assert!(body["data"][0]["max_model_len"].as_u64().unwrap() >= 2048);
@@ -293,18 +359,38 @@ async fn bad_requests_get_error_envelopes() {
     assert_error(&raw.json().await.unwrap(), None);
 
     let cases = [
-        (chat_body("x", json!({"temperature": "warm"})), 400, "temperature"),
+        (
+            chat_body("x", json!({"temperature": "warm"})),
+            400,
+            "temperature",
+        ),
         (chat_body("x", json!({"n": 0})), 400, "n"),
-        (chat_body("x", json!({"temperature": 3.5})), 400, "temperature"),
+        (
+            chat_body("x", json!({"temperature": 3.5})),
+            400,
+            "temperature",
+        ),
         (chat_body("x", json!({"top_p": 1.5})), 400, "top_p"),
         (chat_body("x", json!({"max_tokens": 0})), 400, "max_tokens"),
-        (chat_body("x", json!({"presence_penalty": -9})), 400, "presence_penalty"),
+        (
+            chat_body("x", json!({"presence_penalty": -9})),
+            400,
+            "presence_penalty",
+        ),
         (chat_body("x", json!({"tools": []})), 400, "tools"),
         (chat_body("x", json!({"frobnicate": 1})), 400, "frobnicate"),
         (json!({"model": MODEL, "messages": []}), 400, "messages"),
         (json!({"model": MODEL}), 400, "messages"),
-        (json!({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}), 404, "model"),
-        (chat_body("x", json!({"max_tokens": 100000})), 400, "max_tokens"),
+        (
+            json!({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+            "model",
+        ),
+        (
+            chat_body("x", json!({"max_tokens": 100000})),
+            400,
+            "max_tokens",
+        ),
     ];
     for (body, status, param) in cases {
         let (got, response) = post(&url, body.clone()).await;
@@ -314,7 +400,10 @@ async fn bad_requests_get_error_envelopes() {
     let (_, response) = post(&url, chat_body("x", json!({"max_tokens": 100000}))).await;
     assert_eq!(response["error"]["code"], "context_length_exceeded");
     let message = response["error"]["message"].as_str().unwrap();
-    assert!(message.contains("8192") && message.contains("100"), "{message}");
+    assert!(
+        message.contains("8192") && message.contains("100"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -333,17 +422,35 @@ async fn full_queue_gets_429_before_streaming() {
         args.max_queued_requests = Some(1);
     });
     let url = server.url("/v1/chat/completions");
-    let long = chat_body("Tell a long story.", json!({"max_tokens": 400, "stream": true}));
+    let long = chat_body(
+        "Tell a long story.",
+        json!({"max_tokens": 400, "stream": true}),
+    );
     let first = client().post(&url).json(&long).send().await.unwrap();
     assert_eq!(first.status(), 200);
     let queued = {
         let (url, long) = (url.clone(), long.clone());
-        tokio::spawn(async move { client().post(&url).json(&long).send().await.unwrap().status() })
+        tokio::spawn(async move {
+            client()
+                .post(&url)
+                .json(&long)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
     };
     // Wait until the second request is queued.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = client()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if metric_value(&metrics, "mull_requests_waiting", MODEL) >= 1.0 {
             break;
         }
@@ -353,7 +460,10 @@ async fn full_queue_gets_429_before_streaming() {
     let third = client().post(&url).json(&long).send().await.unwrap();
     assert_eq!(third.status(), 429);
     assert_eq!(third.headers()["retry-after"], "1");
-    assert!(third.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(third.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
     assert_error(&third.json().await.unwrap(), None);
     drop(first);
     assert_eq!(queued.await.unwrap(), 200);
@@ -366,7 +476,10 @@ async fn disconnect_frees_the_slot() {
         args.max_queued_requests = Some(0);
     });
     let url = server.url("/v1/chat/completions");
-    let long = chat_body("Tell a long story.", json!({"max_tokens": 2000, "stream": true}));
+    let long = chat_body(
+        "Tell a long story.",
+        json!({"max_tokens": 2000, "stream": true}),
+    );
     let mut response = client().post(&url).json(&long).send().await.unwrap();
     assert_eq!(response.status(), 200);
     response.chunk().await.unwrap().expect("a first chunk");
@@ -382,7 +495,14 @@ async fn disconnect_frees_the_slot() {
         assert!(Instant::now() < deadline, "slot not freed after disconnect");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(metric_value(&metrics, "mull_requests_running", MODEL), 0.0);
 }
 
@@ -395,9 +515,19 @@ async fn api_key_required_when_configured() {
     let missing = client().get(&url).send().await.unwrap();
     assert_eq!(missing.status(), 401);
     assert_error(&missing.json().await.unwrap(), None);
-    let wrong = client().get(&url).bearer_auth("sk-wrong").send().await.unwrap();
+    let wrong = client()
+        .get(&url)
+        .bearer_auth("sk-wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
-    let right = client().get(&url).bearer_auth("sk-test-key").send().await.unwrap();
+    let right = client()
+        .get(&url)
+        .bearer_auth("sk-test-key")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(right.status(), 200);
     let chat = client()
         .post(server.url("/v1/chat/completions"))
@@ -409,7 +539,11 @@ async fn api_key_required_when_configured() {
     let health = client().get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     // Without keys configured the same route is open.
-    let open = client().get(shared().url("/v1/models")).send().await.unwrap();
+    let open = client()
+        .get(shared().url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(open.status(), 200);
 }
 
@@ -419,7 +553,10 @@ async fn metrics_match_usage() {
     let mut prompt = 0;
     let mut completion = 0;
     for (i, stream) in [false, true, false].into_iter().enumerate() {
-        let body = chat_body(&format!("Say {i}."), json!({"max_tokens": 5 + i, "stream": stream, "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }}));
+        let body = chat_body(
+            &format!("Say {i}."),
+            json!({"max_tokens": 5 + i, "stream": stream, "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }}),
+        );
         let usage = if stream {
             let events = post_stream(&server.url("/v1/chat/completions"), body).await;
             let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
@@ -430,12 +567,35 @@ async fn metrics_match_usage() {
         prompt += usage["prompt_tokens"].as_u64().unwrap();
         completion += usage["completion_tokens"].as_u64().unwrap();
     }
-    let (_, _) = post(&server.url("/v1/chat/completions"), json!({"model": MODEL, "messages": []})).await;
-    let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert_eq!(metric_value(&metrics, "mull_prompt_tokens_total", MODEL), prompt as f64);
-    assert_eq!(metric_value(&metrics, "mull_generation_tokens_total", MODEL), completion as f64);
-    assert_eq!(metric_value(&metrics, "mull_requests_total", "status=\"2xx\""), 3.0);
-    assert_eq!(metric_value(&metrics, "mull_requests_total", "status=\"4xx\""), 1.0);
+    let (_, _) = post(
+        &server.url("/v1/chat/completions"),
+        json!({"model": MODEL, "messages": []}),
+    )
+    .await;
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_value(&metrics, "mull_prompt_tokens_total", MODEL),
+        prompt as f64
+    );
+    assert_eq!(
+        metric_value(&metrics, "mull_generation_tokens_total", MODEL),
+        completion as f64
+    );
+    assert_eq!(
+        metric_value(&metrics, "mull_requests_total", "status=\"2xx\""),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "mull_requests_total", "status=\"4xx\""),
+        1.0
+    );
     assert!(metric_value(&metrics, "mull_time_to_first_token_seconds_count", MODEL) >= 3.0);
     assert!(metric_value(&metrics, "mull_request_latency_seconds_count", MODEL) >= 3.0);
     assert!(metric_value(&metrics, "mull_queue_time_seconds_count", MODEL) >= 3.0);

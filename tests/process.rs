@@ -26,7 +26,13 @@ fn mull() -> Command {
 #[test]
 fn bad_config_is_reported_by_name() {
     let output = mull()
-        .args(["serve", "--max-concurrent-requests", "0", "--log-format", "xml"])
+        .args([
+            "serve",
+            "--max-concurrent-requests",
+            "0",
+            "--log-format",
+            "xml",
+        ])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
@@ -55,7 +61,9 @@ async fn sigterm_drains_in_flight_stream() {
         }
     });
     let address = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("server logs its address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server logs its address");
         if let Some(at) = line.find("listening on http://") {
             let rest = &line[at + "listening on http://".len()..];
             break rest.split_whitespace().next().unwrap().to_string();
@@ -81,12 +89,18 @@ async fn sigterm_drains_in_flight_stream() {
         .await
         .unwrap();
     let mut body = String::from_utf8(stream.chunk().await.unwrap().unwrap().to_vec()).unwrap();
-    let status = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     while let Some(chunk) = stream.chunk().await.unwrap() {
         body.push_str(&String::from_utf8_lossy(&chunk));
     }
-    assert!(body.trim_end().ends_with("data: [DONE]"), "stream cut by shutdown: {body}");
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "stream cut by shutdown: {body}"
+    );
     let events = common::sse_data(&body);
     let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
@@ -96,10 +110,17 @@ async fn sigterm_drains_in_flight_stream() {
         if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "server did not exit after draining");
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after draining"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(exit.success(), "{exit}");
     // New connections are refused once the server has stopped.
-    assert!(client.get(format!("http://{address}/health")).send().await.is_err());
+    assert!(client
+        .get(format!("http://{address}/health"))
+        .send()
+        .await
+        .is_err());
 }

@@ -60,26 +60,44 @@ fn chat(extra: Value) -> Value {
 #[tokio::test]
 async fn health_is_always_ok() {
     let app = app(state(|_| {}));
-    let (status, headers, _) = call(app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    let (status, headers, _) =
+        call(app, Request::get("/health").body(Body::empty()).unwrap()).await;
     assert_eq!(status, 200);
-    assert!(headers["x-request-id"].to_str().unwrap().starts_with("req-"));
+    assert!(headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req-"));
 }
 
 #[tokio::test]
 async fn ready_is_503_until_model_ready() {
     let state = state(|_| {});
-    let (status, headers, body) =
-        call(app(state.clone()), Request::get("/ready").body(Body::empty()).unwrap()).await;
+    let (status, headers, body) = call(
+        app(state.clone()),
+        Request::get("/ready").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, 503);
     assert!(headers.contains_key("retry-after"));
     let body: Value = serde_json::from_slice(&body).unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("scripted"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("scripted"));
 
     state.models[0].install(Arc::new(ScriptedEngine::echoing("x")));
-    let (status, _, _) = call(app(state.clone()), Request::get("/ready").body(Body::empty()).unwrap()).await;
+    let (status, _, _) = call(
+        app(state.clone()),
+        Request::get("/ready").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, 503, "loaded but not yet generated");
     state.models[0].mark_ready();
-    let (status, _, _) = call(app(state), Request::get("/ready").body(Body::empty()).unwrap()).await;
+    let (status, _, _) = call(
+        app(state),
+        Request::get("/ready").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -107,7 +125,11 @@ async fn chat_returns_scripted_text() {
 #[tokio::test]
 async fn stop_string_cuts_scripted_text() {
     let app = ready_app("one, two, three", |_| {});
-    let (_, _, body) = call(app, post_json("/v1/chat/completions", chat(json!({"stop": ", th"})))).await;
+    let (_, _, body) = call(
+        app,
+        post_json("/v1/chat/completions", chat(json!({"stop": ", th"}))),
+    )
+    .await;
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "one, two");
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
@@ -116,7 +138,11 @@ async fn stop_string_cuts_scripted_text() {
 #[tokio::test]
 async fn max_tokens_cuts_scripted_text() {
     let app = ready_app("abcdefgh", |_| {});
-    let (_, _, body) = call(app, post_json("/v1/chat/completions", chat(json!({"max_tokens": 3})))).await;
+    let (_, _, body) = call(
+        app,
+        post_json("/v1/chat/completions", chat(json!({"max_tokens": 3}))),
+    )
+    .await;
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "abc");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
@@ -125,7 +151,11 @@ async fn max_tokens_cuts_scripted_text() {
 #[tokio::test]
 async fn unknown_route_gets_envelope() {
     let app = ready_app("x", |_| {});
-    let (status, _, body) = call(app, Request::get("/v2/nothing").body(Body::empty()).unwrap()).await;
+    let (status, _, body) = call(
+        app,
+        Request::get("/v2/nothing").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, 404);
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"]["code"], "unknown_url");
@@ -134,7 +164,13 @@ async fn unknown_route_gets_envelope() {
 #[tokio::test]
 async fn wrong_method_gets_405() {
     let app = ready_app("x", |_| {});
-    let (status, _, body) = call(app, Request::get("/v1/chat/completions").body(Body::empty()).unwrap()).await;
+    let (status, _, body) = call(
+        app,
+        Request::get("/v1/chat/completions")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 405);
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert!(body["error"]["message"].is_string());
@@ -142,8 +178,16 @@ async fn wrong_method_gets_405() {
 
 #[tokio::test]
 async fn auth_applies_to_v1_only() {
-    let keyed = |_: ()| ready_app("x", |args| args.api_keys = Some(vec!["k1".parse().unwrap()]));
-    let (status, _, _) = call(keyed(()), post_json("/v1/chat/completions", chat(json!({})))).await;
+    let keyed = |_: ()| {
+        ready_app("x", |args| {
+            args.api_keys = Some(vec!["k1".parse().unwrap()])
+        })
+    };
+    let (status, _, _) = call(
+        keyed(()),
+        post_json("/v1/chat/completions", chat(json!({}))),
+    )
+    .await;
     assert_eq!(status, 401);
     let request = Request::post("/v1/chat/completions")
         .header("content-type", "application/json")
@@ -152,13 +196,19 @@ async fn auth_applies_to_v1_only() {
         .unwrap();
     let (status, _, _) = call(keyed(()), request).await;
     assert_eq!(status, 200);
-    let (status, _, _) = call(keyed(()), Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let (status, _, _) = call(
+        keyed(()),
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
 #[tokio::test]
 async fn cors_preflight_when_configured() {
-    let app = ready_app("x", |args| args.cors_origins = Some(vec!["https://app.example".into()]));
+    let app = ready_app("x", |args| {
+        args.cors_origins = Some(vec!["https://app.example".into()])
+    });
     let request = Request::options("/v1/chat/completions")
         .header("origin", "https://app.example")
         .header("access-control-request-method", "POST")
@@ -166,13 +216,23 @@ async fn cors_preflight_when_configured() {
         .unwrap();
     let (status, headers, _) = call(app, request).await;
     assert!(status.is_success());
-    assert_eq!(headers["access-control-allow-origin"], "https://app.example");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
 }
 
 #[tokio::test]
 async fn scripted_stream_ends_with_done() {
     let app = ready_app("hey", |_| {});
-    let (status, _, body) = call(app, post_json("/v1/completions", json!({"model": "scripted", "prompt": "a", "stream": true}))).await;
+    let (status, _, body) = call(
+        app,
+        post_json(
+            "/v1/completions",
+            json!({"model": "scripted", "prompt": "a", "stream": true}),
+        ),
+    )
+    .await;
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");

@@ -58,11 +58,7 @@ impl ChatRequest {
 
     /// Parses a request that may also carry the fields in `extra`, which the
     /// caller reads from the returned object.
-    pub fn parse_with(
-        body: &[u8],
-        limits: &Limits,
-        extra: &[&str],
-    ) -> Result<Self, ApiError> {
+    pub fn parse_with(body: &[u8], limits: &Limits, extra: &[&str]) -> Result<Self, ApiError> {
         let object = parse_object(body, &[params::COMMON_FIELDS, CHAT_FIELDS, extra])?;
         let common: RawCommon = from_object(&object)?;
         let chat: RawChat = from_object(&object)?;
@@ -80,7 +76,11 @@ impl ChatRequest {
                 ))
             }
             (false, None) => None,
-            (true, k) => Some(params::top_logprobs("top_logprobs", k.unwrap_or(0), limits)?),
+            (true, k) => Some(params::top_logprobs(
+                "top_logprobs",
+                k.unwrap_or(0),
+                limits,
+            )?),
         };
         let max_tokens = chat.max_completion_tokens.or(common.max_tokens);
         let params = common.validate(max_tokens, top, limits)?;
@@ -88,7 +88,10 @@ impl ChatRequest {
             .messages
             .ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?;
         if messages.is_empty() {
-            return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must not be empty",
+            ));
         }
         let messages = messages
             .into_iter()
@@ -107,31 +110,44 @@ fn parse_message(index: usize, value: Value) -> Result<ChatTurn, ApiError> {
             format!("`messages[{index}]` must be an object"),
         ));
     };
-    if let Some(key) = object.keys().find(|k| !MESSAGE_FIELDS.contains(&k.as_str())) {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !MESSAGE_FIELDS.contains(&k.as_str()))
+    {
         return Err(ApiError::invalid(
             at(key),
             format!("`{}` is not supported by this server", at(key)),
         ));
     }
-    let message: RawMessage = serde_json::from_value(value)
-        .map_err(|e| ApiError::invalid(format!("messages[{index}]"), format!("invalid message {index}: {e}")))?;
-    let role = match message.role.as_str() {
-        "system" | "developer" => "system",
-        "user" => "user",
-        "assistant" => "assistant",
-        "tool" | "function" => {
-            return Err(ApiError::invalid(
+    let message: RawMessage = serde_json::from_value(value).map_err(|e| {
+        ApiError::invalid(
+            format!("messages[{index}]"),
+            format!("invalid message {index}: {e}"),
+        )
+    })?;
+    let role =
+        match message.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            "tool" | "function" => return Err(ApiError::invalid(
                 at("role"),
-                format!("`{}`: the role `{}` needs tool calling, which this server does not support", at("role"), message.role),
-            ))
-        }
-        other => {
-            return Err(ApiError::invalid(
-                at("role"),
-                format!("`{}` must be one of system, developer, user, assistant; got `{other}`", at("role")),
-            ))
-        }
-    };
+                format!(
+                    "`{}`: the role `{}` needs tool calling, which this server does not support",
+                    at("role"),
+                    message.role
+                ),
+            )),
+            other => {
+                return Err(ApiError::invalid(
+                    at("role"),
+                    format!(
+                        "`{}` must be one of system, developer, user, assistant; got `{other}`",
+                        at("role")
+                    ),
+                ))
+            }
+        };
     let content = match message.content {
         Some(Content::Text(text)) => text,
         Some(Content::Parts(parts)) => {
@@ -180,7 +196,8 @@ mod tests {
 
     #[test]
     fn minimal_request_gets_defaults() {
-        let request = parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        let request =
+            parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(request.params.n, 1);
         assert_eq!(request.params.sampling.temperature, 1.0);
         assert_eq!(request.params.max_tokens, None);
@@ -189,20 +206,25 @@ mod tests {
 
     #[test]
     fn unsupported_field_is_named() {
-        let error = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[]}"#).unwrap_err();
+        let error = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[]}"#)
+            .unwrap_err();
         assert_eq!(error.param.as_deref(), Some("tools"));
         assert_eq!(error.status, 400);
     }
 
     #[test]
     fn wrong_type_names_field() {
-        let error = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#).unwrap_err();
+        let error = parse(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+        )
+        .unwrap_err();
         assert_eq!(error.param.as_deref(), Some("temperature"));
     }
 
     #[test]
     fn n_zero_rejected() {
-        let error = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#).unwrap_err();
+        let error =
+            parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("n"));
     }
 
@@ -220,7 +242,9 @@ mod tests {
 
     #[test]
     fn top_logprobs_needs_logprobs() {
-        let error = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#).unwrap_err();
+        let error =
+            parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#)
+                .unwrap_err();
         assert_eq!(error.param.as_deref(), Some("top_logprobs"));
     }
 }

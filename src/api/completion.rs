@@ -53,10 +53,16 @@ impl CompletionRequest {
         let common: RawCommon = from_object(&object)?;
         let raw: RawCompletion = from_object(&object)?;
         if raw.echo == Some(true) {
-            return Err(ApiError::invalid("echo", "`echo` is not supported by this server"));
+            return Err(ApiError::invalid(
+                "echo",
+                "`echo` is not supported by this server",
+            ));
         }
         if raw.suffix.is_some() {
-            return Err(ApiError::invalid("suffix", "`suffix` is not supported by this server"));
+            return Err(ApiError::invalid(
+                "suffix",
+                "`suffix` is not supported by this server",
+            ));
         }
         if let Some(best_of) = raw.best_of {
             if best_of != common.n.unwrap_or(1) {
@@ -76,9 +82,7 @@ impl CompletionRequest {
             None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
             Some(RawPrompt::Text(text)) => Prompt::Text(text),
             Some(RawPrompt::Tokens(tokens)) => Prompt::Tokens(tokens),
-            Some(RawPrompt::Texts(mut texts)) if texts.len() == 1 => {
-                Prompt::Text(texts.remove(0))
-            }
+            Some(RawPrompt::Texts(mut texts)) if texts.len() == 1 => Prompt::Text(texts.remove(0)),
             Some(RawPrompt::TokenLists(mut lists)) if lists.len() == 1 => {
                 Prompt::Tokens(lists.remove(0))
             }

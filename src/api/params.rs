@@ -27,6 +27,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "user",
     "metadata",
     "store",
+    "decoding",
 ];
 
 /// OpenAI fields that exist but that this server does not implement. They
@@ -98,6 +99,7 @@ pub struct RawCommon {
     pub user: Option<String>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub store: Option<bool>,
+    pub decoding: Option<Value>,
 }
 
 /// Validated parameters of a generation request.
@@ -116,6 +118,11 @@ pub struct GenerationParams {
     pub include_usage: bool,
     pub user: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    /// Whether the request set `temperature` (strategies have their own
+    /// default otherwise).
+    pub temperature_set: bool,
+    /// The request's `decoding` object, checked when the model is known.
+    pub decoding: Option<Value>,
 }
 
 /// Parses the body as a JSON object and rejects fields outside `allowed`.
@@ -123,9 +130,14 @@ pub fn parse_object(body: &[u8], allowed: &[&[&str]]) -> Result<Map<String, Valu
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     let Value::Object(object) = value else {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     };
-    let known: HashSet<&str> = allowed.iter().flat_map(|list| list.iter().copied()).collect();
+    let known: HashSet<&str> = allowed
+        .iter()
+        .flat_map(|list| list.iter().copied())
+        .collect();
     for key in object.keys() {
         if known.contains(key.as_str()) {
             continue;
@@ -152,8 +164,15 @@ pub fn from_object<T: DeserializeOwned>(object: &Map<String, Value>) -> Result<T
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        let param = if path == "." { "body".to_string() } else { path };
-        ApiError::invalid(param.clone(), format!("invalid value for `{param}`: {inner}"))
+        let param = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(
+            param.clone(),
+            format!("invalid value for `{param}`: {inner}"),
+        )
     })
 }
 
@@ -193,10 +212,14 @@ impl RawCommon {
         let max_tokens = max_tokens
             .map(|v| positive("max_tokens", v, i64::from(u32::MAX)))
             .transpose()?;
+        let temperature_set = self.temperature.is_some();
         let temperature = in_range("temperature", self.temperature.unwrap_or(1.0), 0.0, 2.0)?;
         let top_p = in_range("top_p", self.top_p.unwrap_or(1.0), 0.0, 1.0)?;
         if top_p == 0.0 {
-            return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0, got 0"));
+            return Err(ApiError::invalid(
+                "top_p",
+                "`top_p` must be greater than 0, got 0",
+            ));
         }
         let top_k = match self.top_k.unwrap_or(0) {
             -1 | 0 => 0,
@@ -209,10 +232,18 @@ impl RawCommon {
             }
         };
         let min_p = in_range("min_p", self.min_p.unwrap_or(0.0), 0.0, 1.0)?;
-        let presence_penalty =
-            in_range("presence_penalty", self.presence_penalty.unwrap_or(0.0), -2.0, 2.0)?;
-        let frequency_penalty =
-            in_range("frequency_penalty", self.frequency_penalty.unwrap_or(0.0), -2.0, 2.0)?;
+        let presence_penalty = in_range(
+            "presence_penalty",
+            self.presence_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+        )?;
+        let frequency_penalty = in_range(
+            "frequency_penalty",
+            self.frequency_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+        )?;
         let n = positive("n", self.n.unwrap_or(1), limits.max_n as i64)?;
         let stop = match self.stop {
             None => Vec::new(),
@@ -230,7 +261,10 @@ impl RawCommon {
             ));
         }
         if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("stop", "`stop` strings must not be empty"));
+            return Err(ApiError::invalid(
+                "stop",
+                "`stop` strings must not be empty",
+            ));
         }
         let stream = self.stream.unwrap_or(false);
         if self.stream_options.is_some() && !stream {
@@ -265,6 +299,8 @@ impl RawCommon {
             include_usage,
             user: self.user,
             metadata,
+            temperature_set,
+            decoding: self.decoding,
         })
     }
 }

@@ -32,6 +32,9 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// What a decoding strategy applied and found; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoding: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,7 +87,11 @@ impl ChatLogprobs {
                     .iter()
                     .map(|&(t, lp)| {
                         let (token, logprob, bytes) = entry(t, lp);
-                        TopLogprob { token, logprob, bytes }
+                        TopLogprob {
+                            token,
+                            logprob,
+                            bytes,
+                        }
                     })
                     .collect();
                 TokenLogprob {
@@ -110,6 +117,9 @@ pub struct ChatChunk {
     /// last, which carries the totals and no choices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// Sent on a choice's last chunk when a decoding strategy ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoding: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,6 +147,8 @@ pub struct TextCompletion {
     pub choices: Vec<TextChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoding: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]

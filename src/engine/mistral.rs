@@ -20,15 +20,15 @@ use indexmap::IndexMap;
 use mistralrs_core::{
     AutoDeviceMapParams, Constraint, CustomLogitsProcessor, DefaultSchedulerMethod,
     DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, MistralRs, MistralRsBuilder,
-    ModelDType, NormalRequest, Request, RequestMessage, Response, SchedulerConfig,
-    TokenSource, TokenizationRequest,
+    ModelDType, NormalRequest, Request, RequestMessage, Response, SchedulerConfig, TokenSource,
+    TokenizationRequest,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    sampler::Sampler, vocab::GgufVocab, ChatTurn, Continuation, Engine, EngineError,
-    FinishReason, GenerateRequest, ModelInfo, StepEvent,
+    sampler::Sampler, vocab::GgufVocab, ChatTurn, Continuation, Engine, EngineError, FinishReason,
+    GenerateRequest, ModelInfo, StepEvent,
 };
 
 /// How to load one GGUF model into mistral.rs.
@@ -53,6 +53,13 @@ pub struct MistralEngine {
     /// The token a cancelled sequence is forced to emit; mistral.rs ends a
     /// sequence on the GGUF end-of-sequence token whatever the template.
     forced_eos: u32,
+    /// Sequences allowed inside mistral.rs at once. On CPU, mistral.rs 0.8.1
+    /// mixes up sequences of equal length that it decodes in one batch once
+    /// their sampled tokens differ (seen here as garbled text with `n` > 1
+    /// and temperature > 0), so with the default of 1 sequences run one
+    /// after another. Decoding speed is unchanged by this on CPU, where its
+    /// batches were no faster, but a request waits for the sequences ahead.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl MistralEngine {
@@ -140,6 +147,7 @@ impl MistralEngine {
             info,
             vocab,
             forced_eos,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_batch_size.max(1))),
         })
     }
 
@@ -189,7 +197,8 @@ impl MistralEngine {
         let cancel = request.cancel.child_token();
         let processor = StepProcessor {
             state: Mutex::new(ProcessorState {
-                sampler: Sampler::new(request.sampling.clone(), seed, request.top_logprobs),
+                sampler: Sampler::new(request.sampling.clone(), seed, request.top_logprobs)
+                    .keep_distribution(request.keep_distribution),
                 prompt_len: request.prompt.len(),
                 finished: false,
             }),
@@ -204,10 +213,10 @@ impl MistralEngine {
 
         let mut params = mistralrs_core::SamplingParams::deterministic();
         params.max_len = Some(request.max_tokens);
-        let stop: Vec<u32> = request.stop_tokens.iter().copied().collect();
-        if !stop.is_empty() {
-            params.stop_toks = Some(mistralrs_core::StopTokens::Ids(stop));
-        }
+        // Stop tokens are enforced by the processor, which forces the
+        // end-of-sequence token at the step after one: mistral.rs 0.8.1
+        // rejects stop tokens that are a prefix of other tokens, as "\n" and
+        // ")" are. NOTE: that costs one extra forward pass per stop.
         let (response_tx, mut response_rx) = mpsc::channel(4);
         let normal = NormalRequest {
             messages: RequestMessage::CompletionTokens(request.prompt.clone()),
@@ -230,7 +239,15 @@ impl MistralEngine {
             .runner
             .get_sender(None)
             .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let in_flight = self.in_flight.clone();
         tokio::spawn(async move {
+            let _permit = tokio::select! {
+                permit = in_flight.acquire_owned() => permit.expect("the semaphore is never closed"),
+                () = processor.cancel.cancelled() => {
+                    processor.finish_if_open(FinishReason::Cancelled);
+                    return;
+                }
+            };
             if let Err(e) = sender.send(Request::Normal(Box::new(normal))).await {
                 processor.fail(format!("engine is not running: {e}"));
                 return;
@@ -263,7 +280,13 @@ fn split_path(path: &Path) -> Result<(String, String), String> {
         .to_string();
     let dir = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .ok_or("model path has no parent directory")?;
     Ok((dir.display().to_string(), file))
 }
@@ -360,7 +383,9 @@ impl CustomLogitsProcessor for StepProcessor {
         if state.finished || self.cancel.is_cancelled() {
             if !state.finished {
                 state.finished = true;
-                let _ = self.events.send(StepEvent::Finished(FinishReason::Cancelled));
+                let _ = self
+                    .events
+                    .send(StepEvent::Finished(FinishReason::Cancelled));
             }
             return self.only(self.forced_eos, logits);
         }

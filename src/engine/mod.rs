@@ -12,7 +12,7 @@ pub mod sampler;
 pub mod scripted;
 pub mod vocab;
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -57,6 +57,9 @@ pub struct GenerateRequest {
     pub stop_tokens: HashSet<u32>,
     /// How many alternatives to report per step (0 for none).
     pub top_logprobs: usize,
+    /// Report each step's whole sampling distribution, so a caller can
+    /// draw more tokens from it without another forward pass.
+    pub keep_distribution: bool,
     /// Cancels every continuation of this request.
     pub cancel: CancellationToken,
 }
@@ -77,6 +80,9 @@ pub struct TokenStep {
     /// The most likely alternatives as `(token, logprob)` under the model's
     /// distribution, best first.
     pub top_logprobs: Vec<(u32, f32)>,
+    /// The sampling distribution as `(token, probability)`, best first, when
+    /// the request asked to keep it.
+    pub distribution: Option<Arc<Vec<(u32, f32)>>>,
 }
 
 /// Why a continuation ended.

@@ -1,7 +1,7 @@
 //! Token selection from a logits vector, shared by every engine so that all
 //! of them sample, score and seed the same way.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -57,6 +57,7 @@ pub struct Sampler {
     /// Occurrences of each generated token, for the penalties.
     counts: HashMap<u32, u32>,
     top_logprobs: usize,
+    keep_distribution: bool,
 }
 
 impl Sampler {
@@ -66,7 +67,14 @@ impl Sampler {
             rng: StdRng::seed_from_u64(seed),
             counts: HashMap::new(),
             top_logprobs,
+            keep_distribution: false,
         }
+    }
+
+    /// Makes every step carry its sampling distribution.
+    pub fn keep_distribution(mut self, keep: bool) -> Self {
+        self.keep_distribution = keep;
+        self
     }
 
     /// Picks the next token from raw `logits` (modified in place) and records
@@ -91,6 +99,7 @@ impl Sampler {
             sampling_logprob: sampling_prob.ln(),
             entropy: entropy(&distribution),
             top_logprobs: top_n(&logprobs, self.top_logprobs),
+            distribution: self.keep_distribution.then(|| Arc::new(distribution)),
         }
     }
 
@@ -161,7 +170,8 @@ fn truncate(probs: &mut Vec<(u32, f32)>, params: &SamplingParams) {
     }
 }
 
-fn draw(distribution: &[(u32, f32)], uniform: f32) -> u32 {
+/// Picks the token at cumulative probability `uniform` (in [0, 1)).
+pub fn draw(distribution: &[(u32, f32)], uniform: f32) -> u32 {
     let mut mass = 0.0;
     for &(token, p) in distribution {
         mass += p;

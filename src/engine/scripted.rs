@@ -66,6 +66,7 @@ pub fn step(token: u32, logprob: f32, entropy: f32) -> TokenStep {
         sampling_logprob: logprob,
         entropy,
         top_logprobs: vec![(token, logprob)],
+        distribution: None,
     }
 }
 
@@ -109,9 +110,11 @@ impl Engine for ScriptedEngine {
             let steps = (self.script)(&request, index);
             let (tx, events) = mpsc::unbounded_channel();
             let cancel = request.cancel.child_token();
-            let budget = request
-                .max_tokens
-                .min(self.info.context_length.saturating_sub(request.prompt.len()));
+            let budget = request.max_tokens.min(
+                self.info
+                    .context_length
+                    .saturating_sub(request.prompt.len()),
+            );
             let (eos, stop) = (self.info.eos_tokens.clone(), request.stop_tokens.clone());
             let token = cancel.clone();
             tokio::spawn(async move {

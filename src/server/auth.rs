@@ -27,10 +27,8 @@ pub async fn require_api_key(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(presented) = presented else {
-        return ApiError::unauthorized(
-            "missing API key; send it as `Authorization: Bearer KEY`",
-        )
-        .into_response();
+        return ApiError::unauthorized("missing API key; send it as `Authorization: Bearer KEY`")
+            .into_response();
     };
     let valid = state
         .config

@@ -22,6 +22,8 @@ use super::{
     observe::{ModelLabel, StreamLogged},
     AppState, ModelSlot, Permit,
 };
+mod strategy;
+
 use crate::{
     api::{
         chat::ChatRequest,
@@ -33,6 +35,8 @@ use crate::{
         },
         ApiError,
     },
+    decoding::{self, Strategy},
+    engine::ChatTurn,
     engine::{Engine, GenerateRequest, TokenStep},
     generation::{run_choices, ApiFinishReason, ChoiceEvent},
 };
@@ -58,6 +62,10 @@ struct Prepared {
     engine: Arc<dyn Engine>,
     prompt: Vec<u32>,
     params: GenerationParams,
+    messages: Option<Vec<ChatTurn>>,
+    /// The decoding strategy, when the request, a preset alias or the
+    /// model's default names one.
+    strategy: Option<Arc<dyn Strategy>>,
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
@@ -66,7 +74,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) ->
     let prepared = async {
         let bytes = read_body(body, state.config.max_body_bytes).await?;
         let request = ChatRequest::parse(&bytes, &state.limits)?;
-        let (slot, engine) = resolve_model(&state, &request.params.model)?;
+        let (slot, engine, strategy) = resolve_model(&state, &request.params)?;
         label = Some(slot.name.clone());
         debug!(messages = %truncate(&format!("{:?}", request.messages)), "chat prompt");
         let prompt = engine.tokenize_chat(&request.messages).await.map_err(|e| {
@@ -78,6 +86,8 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) ->
             engine,
             prompt,
             params: request.params,
+            messages: Some(request.messages),
+            strategy,
         })
     }
     .await;
@@ -90,7 +100,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Resp
     let prepared = async {
         let bytes = read_body(body, state.config.max_body_bytes).await?;
         let request = CompletionRequest::parse(&bytes, &state.limits)?;
-        let (slot, engine) = resolve_model(&state, &request.params.model)?;
+        let (slot, engine, strategy) = resolve_model(&state, &request.params)?;
         label = Some(slot.name.clone());
         let prompt = match request.prompt {
             Prompt::Tokens(tokens) => {
@@ -116,6 +126,8 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Resp
             engine,
             prompt,
             params: request.params,
+            messages: None,
+            strategy,
         })
     }
     .await;
@@ -134,16 +146,21 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
-fn resolve_model(
-    state: &AppState,
-    name: &str,
-) -> Result<(Arc<ModelSlot>, Arc<dyn Engine>), ApiError> {
-    let slot = state
-        .model(name)
-        .ok_or_else(|| ApiError::model_not_found(name))?
-        .clone();
+type Resolved = (Arc<ModelSlot>, Arc<dyn Engine>, Option<Arc<dyn Strategy>>);
+
+/// Finds the model and the decoding strategy: the request's `decoding`
+/// object, else the preset of a `MODEL:PRESET` alias, else the model's
+/// default.
+fn resolve_model(state: &AppState, params: &GenerationParams) -> Result<Resolved, ApiError> {
+    let (slot, preset) = state
+        .resolve(&params.model)
+        .ok_or_else(|| ApiError::model_not_found(&params.model))?;
+    let strategy = match &params.decoding {
+        Some(value) => Some(decoding::parse(value, "decoding")?),
+        None => preset.or_else(|| slot.default_strategy.clone()),
+    };
     let engine = slot.engine().ok_or_else(ApiError::not_ready)?;
-    Ok((slot, engine))
+    Ok((slot.clone(), engine, strategy))
 }
 
 async fn respond(
@@ -203,11 +220,20 @@ async fn generate(
         engine,
         prompt,
         params,
+        messages,
+        strategy,
     } = prepared;
     let span = Span::current();
     span.record("model", slot.name.as_str());
     span.record("stream", params.stream);
-    let max_tokens = budget(prompt.len(), params.max_tokens, engine.info().context_length)?;
+    let max_tokens = budget(
+        prompt.len(),
+        params.max_tokens,
+        engine.info().context_length,
+    )?;
+    if let Some(strategy) = &strategy {
+        strategy::check(strategy.as_ref(), &params, endpoint)?;
+    }
     let deadline = TokioInstant::from_std(started) + state.config.request_timeout;
     let permit = tokio::time::timeout_at(deadline, slot.admission.admit())
         .await
@@ -220,6 +246,34 @@ async fn generate(
     span.record("queue_ms", permit.queued_for.as_millis() as u64);
 
     let cancel = CancellationToken::new();
+    if let Some(strategy) = strategy {
+        let input = decoding::Input {
+            messages,
+            prompt: prompt.clone(),
+            sampling: params.sampling.clone(),
+            temperature_set: params.temperature_set,
+            seed: params.seed,
+            max_tokens,
+            stops: params.stop.clone(),
+            cancel: cancel.clone(),
+        };
+        let job = Job {
+            state,
+            endpoint,
+            slot,
+            engine,
+            params,
+            prompt_tokens: prompt.len(),
+            started,
+            deadline,
+            id: response_id(endpoint),
+            created: unix_now(),
+            tracker: Tracker::default(),
+            _permit: permit,
+            _cancel: cancel.drop_guard(),
+        };
+        return Ok(job.run_strategy(strategy, input).await);
+    }
     let request = GenerateRequest {
         prompt: prompt.clone(),
         n: params.n,
@@ -228,6 +282,7 @@ async fn generate(
         max_tokens,
         stop_tokens: Default::default(),
         top_logprobs: params.logprobs.unwrap_or(0),
+        keep_distribution: false,
         cancel: cancel.clone(),
     };
     let events = run_choices(engine.clone(), request, params.stop.clone()).map_err(|e| {
@@ -372,7 +427,8 @@ impl Job {
         mut self,
         mut events: impl Stream<Item = ChoiceEvent> + Unpin,
     ) -> Result<Response, ApiError> {
-        let mut choices: Vec<Collected> = (0..self.params.n).map(|_| Collected::default()).collect();
+        let mut choices: Vec<Collected> =
+            (0..self.params.n).map(|_| Collected::default()).collect();
         loop {
             let event = tokio::time::timeout_at(self.deadline, events.next())
                 .await
@@ -428,6 +484,7 @@ impl Job {
                     })
                     .collect(),
                 usage,
+                decoding: None,
             })
             .into_response(),
             Endpoint::Completion => Json(TextCompletion {
@@ -450,6 +507,7 @@ impl Job {
                     })
                     .collect(),
                 usage: Some(Some(usage)),
+                decoding: None,
             })
             .into_response(),
         };
@@ -467,9 +525,7 @@ impl Job {
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
         let span = Span::current();
         tokio::spawn(self.pump(events, tx).instrument(span));
-        let mut response = Sse::new(ReceiverStream::new(rx)).into_response();
-        response.extensions_mut().insert(StreamLogged);
-        response
+        sse_response(rx)
     }
 
     /// Sends the stream's events until it ends, fails, times out or the
@@ -489,7 +545,10 @@ impl Job {
                     role: Some("assistant"),
                     content: Some(String::new()),
                 };
-                if !self.send(&tx, self.chat_chunk(index, delta, None, None)).await {
+                if !self
+                    .send(&tx, self.chat_chunk(index, delta, None, None))
+                    .await
+                {
                     return self.log_end("client disconnected");
                 }
             }
@@ -522,7 +581,9 @@ impl Job {
                 }
                 ChoiceEvent::Failed { index, message } => {
                     error!(choice = index, cause = %message, "generation failed mid-stream");
-                    let _ = tx.send(Ok(Event::default().data(ApiError::internal().to_json()))).await;
+                    let _ = tx
+                        .send(Ok(Event::default().data(ApiError::internal().to_json())))
+                        .await;
                     return self.log_end("failed");
                 }
             };
@@ -578,6 +639,7 @@ impl Job {
                 finish_reason,
             }],
             usage: self.usage_field(),
+            decoding: None,
         })
     }
 
@@ -600,10 +662,17 @@ impl Job {
                 finish_reason,
             }],
             usage: self.usage_field(),
+            decoding: None,
         })
     }
 
-    fn delta_chunk(&self, index: usize, text: String, steps: &[TokenStep], offset: usize) -> String {
+    fn delta_chunk(
+        &self,
+        index: usize,
+        text: String,
+        steps: &[TokenStep],
+        offset: usize,
+    ) -> String {
         let engine = self.engine.as_ref();
         match self.endpoint {
             Endpoint::Chat => {
@@ -644,6 +713,7 @@ impl Job {
                 model: self.model().to_string(),
                 choices: Vec::new(),
                 usage: Some(Some(usage)),
+                decoding: None,
             }),
             Endpoint::Completion => to_json(&TextCompletion {
                 id: self.id.clone(),
@@ -652,9 +722,17 @@ impl Job {
                 model: self.model().to_string(),
                 choices: Vec::new(),
                 usage: Some(Some(usage)),
+                decoding: None,
             }),
         }
     }
+}
+
+/// An SSE response over the events a pump task sends.
+fn sse_response(rx: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
+    let mut response = Sse::new(ReceiverStream::new(rx)).into_response();
+    response.extensions_mut().insert(StreamLogged);
+    response
 }
 
 fn to_json(value: &impl serde::Serialize) -> String {

@@ -8,6 +8,7 @@ mod observe;
 mod routes;
 
 use std::{
+    collections::BTreeMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, OnceLock,
@@ -26,7 +27,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use admission::{Admission, Permit};
 
-use crate::{api::params::Limits, config::Config, engine::Engine, metrics::Metrics};
+use crate::{
+    api::params::Limits,
+    config::Config,
+    decoding::{self, handbook::StaticHandbook, BehaviorSource, Strategy},
+    engine::Engine,
+    metrics::Metrics,
+};
 
 /// One configured model and, once loaded, its engine.
 pub struct ModelSlot {
@@ -36,6 +43,8 @@ pub struct ModelSlot {
     /// Set once the engine has generated its first token.
     ready: AtomicBool,
     pub admission: Admission,
+    /// Decoding applied when a request names none.
+    pub default_strategy: Option<Arc<dyn Strategy>>,
 }
 
 impl ModelSlot {
@@ -61,14 +70,20 @@ impl ModelSlot {
 pub struct AppState {
     pub config: Config,
     pub models: Vec<Arc<ModelSlot>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Presets by name; `MODEL:PRESET` selects one as a model alias.
+    pub presets: BTreeMap<String, Arc<dyn Strategy>>,
+    pub behaviors: Arc<dyn BehaviorSource>,
 }
 
 impl AppState {
     /// State with one empty slot per configured model.
     pub fn new(config: Config) -> Self {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
+        let strategy = |value: &serde_json::Value| {
+            decoding::parse(value, "decoding").expect("configured strategies are validated")
+        };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -88,6 +103,7 @@ impl AppState {
                         gauge(&metrics.running),
                         gauge(&metrics.waiting),
                     ),
+                    default_strategy: model.default_strategy.as_ref().map(strategy),
                 })
             })
             .collect();
@@ -95,16 +111,33 @@ impl AppState {
             max_n: config.max_n,
             ..Limits::default()
         };
+        let presets = config
+            .presets
+            .iter()
+            .map(|(name, value)| (name.clone(), strategy(value)))
+            .collect();
+        let behaviors = Arc::new(StaticHandbook::new(config.handbook.clone()));
         Self {
             config,
             models,
             metrics,
             limits,
+            presets,
+            behaviors,
         }
     }
 
     pub fn model(&self, name: &str) -> Option<&Arc<ModelSlot>> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Resolves a requested model id: a model name, or `MODEL:PRESET`.
+    pub fn resolve(&self, id: &str) -> Option<(&Arc<ModelSlot>, Option<Arc<dyn Strategy>>)> {
+        if let Some(slot) = self.model(id) {
+            return Some((slot, None));
+        }
+        let (model, preset) = id.rsplit_once(':')?;
+        Some((self.model(model)?, Some(self.presets.get(preset)?.clone())))
     }
 }
 
@@ -128,7 +161,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         // Handlers read the body themselves, with the configured limit, so
         // that an oversized body gets the OpenAI error envelope.
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn_with_state(state.clone(), observe::observe));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ));
     if let Some(cors) = cors_layer(&state.config.cors_origins) {
         router = router.layer(cors);
     }
@@ -142,11 +178,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            origins
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok()),
-        )
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
     Some(
         CorsLayer::new()

@@ -63,7 +63,11 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     }
     if response.extensions().get::<StreamLogged>().is_none() {
         let _entered = span.enter();
-        info!(status, elapsed_ms = start.elapsed().as_millis() as u64, "request finished");
+        info!(
+            status,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "request finished"
+        );
     }
     response
 }

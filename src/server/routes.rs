@@ -10,7 +10,7 @@ use axum::{
 };
 use serde_json::json;
 
-use super::AppState;
+use super::{AppState, ModelSlot};
 use crate::api::{
     response::{ModelCard, ModelList},
     ApiError,
@@ -40,24 +40,30 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
 }
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    let data = state
-        .models
-        .iter()
-        .map(|slot| ModelCard {
-            id: slot.name.clone(),
-            object: "model",
-            created: slot.created,
-            owned_by: "mull",
-            max_model_len: slot.engine().map(|e| e.info().context_length),
-        })
-        .collect();
+    let card = |id: String, slot: &ModelSlot| ModelCard {
+        id,
+        object: "model",
+        created: slot.created,
+        owned_by: "mull",
+        max_model_len: slot.engine().map(|e| e.info().context_length),
+    };
+    let mut data = Vec::new();
+    for slot in &state.models {
+        data.push(card(slot.name.clone(), slot));
+        for preset in state.presets.keys() {
+            data.push(card(format!("{}:{preset}", slot.name), slot));
+        }
+    }
     Json(ModelList {
         object: "list",
         data,

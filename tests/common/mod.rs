@@ -111,11 +111,12 @@ pub fn start(adjust: impl FnOnce(&mut ServeArgs)) -> TestServer {
         slot.mark_ready();
     }
     let listener = block(TcpListener::bind("127.0.0.1:0")).expect("a loopback port is free");
-    let address = listener.local_addr().expect("bound sockets have an address");
+    let address = listener
+        .local_addr()
+        .expect("bound sockets have an address");
     let serving = state.clone();
-    runtime().spawn(async move {
-        mull::serve::run(listener, serving, std::future::pending()).await
-    });
+    runtime()
+        .spawn(async move { mull::serve::run(listener, serving, std::future::pending()).await });
     TestServer { address, state }
 }
 
