@@ -728,7 +728,7 @@ impl Job {
     }
 }
 
-/// An SSE response over the events a pump task sends.
+/// Wraps the events a pump task sends in an SSE response.
 fn sse_response(rx: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
     let mut response = Sse::new(ReceiverStream::new(rx)).into_response();
     response.extensions_mut().insert(StreamLogged);

@@ -141,7 +141,7 @@ impl AppState {
     }
 }
 
-/// The whole HTTP application, drivable without a socket.
+/// Builds the whole HTTP application, which tests can drive without a socket.
 pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(routes::list_models))

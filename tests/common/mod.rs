@@ -21,8 +21,8 @@ use mull::{
 };
 use tokio::{net::TcpListener, runtime::Runtime};
 
-/// The runtime that owns the engine and the servers, so that they outlive
-/// each test's own runtime.
+/// Returns the runtime that owns the engine and the servers, so that they
+/// outlive each test's own runtime.
 pub fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
@@ -120,7 +120,7 @@ pub fn start(adjust: impl FnOnce(&mut ServeArgs)) -> TestServer {
     TestServer { address, state }
 }
 
-/// The default server shared by tests that do not depend on limits.
+/// Returns the default server, shared by tests that do not depend on limits.
 pub fn shared() -> &'static TestServer {
     static SERVER: OnceLock<TestServer> = OnceLock::new();
     SERVER.get_or_init(|| start(|_| {}))

@@ -102,3 +102,40 @@ def test_bad_parameter_raises_bad_request(client):
 
 def test_models_list(client):
     assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_strategy_through_extra_body(client):
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 3 + 4?"}],
+        max_tokens=12,
+        seed=2,
+        extra_body={"decoding": {"strategy": "self_consistency", "samples": 3}},
+    )
+    decoding = response.model_extra["decoding"]
+    assert decoding["strategy"] == "self_consistency"
+    assert decoding["engine_tokens"]["generated"] >= response.usage.completion_tokens
+
+
+def test_cautious_stream_through_extra_body(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Name a color."}],
+            max_tokens=8,
+            stream=True,
+            extra_body={"decoding": {"strategy": "cautious", "max_trials": 2}},
+        )
+    )
+    assert chunks[-1].model_extra["decoding"]["strategy"] == "cautious"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_bad_strategy_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"decoding": {"strategy": "self_consistency", "samples": 0}},
+        )
+    assert raised.value.body["param"] == "decoding.samples"

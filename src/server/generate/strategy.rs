@@ -1,6 +1,6 @@
-//! Requests decoded with a strategy: the answer is produced by
-//! [`Strategy::decode`] rather than by sampling choices directly, and the
-//! response carries a `decoding` object with what the strategy found.
+//! Requests decoded with a strategy: [`Strategy::decode`] produces the text
+//! instead of plain sampling, and the response carries a `decoding` object
+//! with what the strategy found.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -245,7 +245,7 @@ impl Job {
         self.log_end("completed");
     }
 
-    /// The choice's last chunk, carrying the `decoding` object.
+    /// Builds the choice's last chunk, which carries the `decoding` object.
     fn strategy_finish_chunk(&self, reason: ApiFinishReason, report: Value) -> String {
         let value = match self.endpoint {
             Endpoint::Chat => serde_json::to_value(ChatChunk {

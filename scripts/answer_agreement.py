@@ -1,0 +1,83 @@
+"""Greedy answers of two GGUF files of the same model on GSM8K dev questions.
+
+Starts a release mull server for each file in turn, sends the first N
+questions with temperature 0, and prints JSON with how often the final
+answers (and the whole texts) agree. Usage: answer_agreement.py A.gguf B.gguf [N]
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+
+
+def last_number(text):
+    found = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def answers(model, questions):
+    server = subprocess.Popen(
+        [str(ROOT / "target/release/mull"), "serve", "--port", "0", "--model-path", model],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = None
+        while url is None:
+            line = server.stderr.readline()
+            if not line:
+                raise RuntimeError("server exited")
+            found = re.search(r"listening on (http://\S+)", line)
+            url = found.group(1) if found else None
+        while True:
+            try:
+                urllib.request.urlopen(url + "/ready")
+                break
+            except OSError:
+                time.sleep(0.2)
+        texts = []
+        for i, question in enumerate(questions):
+            body = json.dumps({
+                "model": "smollm2-135m",
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 96,
+                "temperature": 0,
+            }).encode()
+            request = urllib.request.Request(
+                url + "/v1/chat/completions", body, {"content-type": "application/json"}
+            )
+            reply = json.load(urllib.request.urlopen(request))
+            texts.append(reply["choices"][0]["message"]["content"])
+            print(f"agreement: {Path(model).name} {i + 1}/{len(questions)}", file=sys.stderr)
+        return texts
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main():
+    first, second = sys.argv[1], sys.argv[2]
+    count = int(sys.argv[3]) if len(sys.argv) > 3 else 30
+    questions = [json.loads(line)["question"] for line in DEV.open()][:count]
+    a = answers(first, questions)
+    b = answers(second, questions)
+    same_answer = sum(last_number(x) == last_number(y) for x, y in zip(a, b))
+    same_text = sum(x == y for x, y in zip(a, b))
+    print(json.dumps({
+        "questions": count,
+        "same_final_number": same_answer,
+        "same_text": same_text,
+        "first": Path(first).name,
+        "second": Path(second).name,
+    }))
+
+
+if __name__ == "__main__":
+    main()
