@@ -2,7 +2,8 @@
 
 Starts a release mull server for each file in turn, sends the first N
 questions with temperature 0, and prints JSON with how often the final
-answers (and the whole texts) agree. Usage: answer_agreement.py A.gguf B.gguf [N]
+numbers (and the whole texts) agree, and how many final numbers match the
+reference answers. Usage: answer_agreement.py A.gguf B.gguf [N]
 """
 
 import json
@@ -65,7 +66,9 @@ def answers(model, questions):
 def main():
     first, second = sys.argv[1], sys.argv[2]
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 30
-    questions = [json.loads(line)["question"] for line in DEV.open()][:count]
+    rows = [json.loads(line) for line in DEV.open()][:count]
+    questions = [row["question"] for row in rows]
+    gold = [row["answer"].split("####")[-1].strip().replace(",", "") for row in rows]
     a = answers(first, questions)
     b = answers(second, questions)
     same_answer = sum(last_number(x) == last_number(y) for x, y in zip(a, b))
@@ -76,6 +79,8 @@ def main():
         "same_text": same_text,
         "first": Path(first).name,
         "second": Path(second).name,
+        "first_correct": sum(last_number(x) == g for x, g in zip(a, gold)),
+        "second_correct": sum(last_number(y) == g for y, g in zip(b, gold)),
     }))
 
 

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub self_consistency_early_stops: IntCounter,
     pub introspection_turns: Histogram,
     pub handbook_behaviors_retrieved: IntCounter,
+    pub prefix_cache_hits: IntCounterVec,
+    pub engine_sequences: IntCounterVec,
 }
 
 impl Metrics {
@@ -169,7 +171,19 @@ impl Metrics {
             "Turns taken by introspection requests",
             vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
         );
+        let prefix_cache_hits = counter(
+            "mull_engine_prefix_cache_hits_total",
+            "Engine sequences that started from a cached prompt prefix",
+            &["model"],
+        );
+        let engine_sequences = counter(
+            "mull_engine_sequences_total",
+            "Sequences the engine started",
+            &["model"],
+        );
         Self {
+            prefix_cache_hits,
+            engine_sequences,
             strategy_requests,
             strategy_engine_tokens,
             strategy_returned_tokens,

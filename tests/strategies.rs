@@ -43,23 +43,40 @@ fn url() -> String {
 
 fn assert_spent_covers_returned(decoding: &Value) {
     let tokens = &decoding["engine_tokens"];
-    assert!(tokens["generated"].as_u64().unwrap() >= tokens["returned"].as_u64().unwrap(), "{decoding}");
+    assert!(
+        tokens["generated"].as_u64().unwrap() >= tokens["returned"].as_u64().unwrap(),
+        "{decoding}"
+    );
     assert!(tokens["prompt"].as_u64().unwrap() > 0, "{decoding}");
 }
 
 #[tokio::test]
 async fn self_consistency_reports_votes() {
-    let (status, body) = chat(&url(), json!({"strategy": "self_consistency", "samples": 3}), json!({})).await;
+    let (status, body) = chat(
+        &url(),
+        json!({"strategy": "self_consistency", "samples": 3}),
+        json!({}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let decoding = &body["decoding"];
     assert_eq!(decoding["strategy"], "self_consistency");
     assert_eq!(decoding["params"]["samples"], 3);
     let samples = decoding["samples"].as_array().unwrap();
     assert!((1..=3).contains(&samples.len()));
-    assert_eq!(samples.len() + decoding["samples_saved"].as_u64().unwrap() as usize, 3);
+    assert_eq!(
+        samples.len() + decoding["samples_saved"].as_u64().unwrap() as usize,
+        3
+    );
     assert_spent_covers_returned(decoding);
-    assert_eq!(decoding["engine_tokens"]["returned"], body["usage"]["completion_tokens"]);
-    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert_eq!(
+        decoding["engine_tokens"]["returned"],
+        body["usage"]["completion_tokens"]
+    );
+    assert!(!body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -74,14 +91,25 @@ async fn cautious_branches_and_streams_clauses() {
     assert!(trials <= 3 * branch_points, "{report}");
     assert!(report["clauses"].as_u64().unwrap() >= 1);
     assert_spent_covers_returned(report);
-    let whole = body["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    // Every clause after the first extends a prefix the engine has just
+    // processed, so its probe starts from the prefix cache (trials do too).
+    let hits = report["engine_prefix_cache_hits"].as_u64().unwrap();
+    let clauses = report["clauses"].as_u64().unwrap();
+    assert!(hits >= clauses - 1, "{report}");
+    let whole = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Streaming sends the same text, clause by clause, and the report last.
     let (status, events) = chat(&url(), decoding, json!({"max_tokens": 10, "stream": true})).await;
     assert_eq!(status, 200);
     let events: Vec<String> = serde_json::from_value(events).unwrap();
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -90,7 +118,9 @@ async fn cautious_branches_and_streams_clauses() {
     let last = chunks.last().unwrap();
     assert!(last["choices"][0]["finish_reason"].is_string());
     assert_eq!(last["decoding"]["strategy"], "cautious");
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c.get("decoding").is_none()));
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c.get("decoding").is_none()));
 }
 
 #[tokio::test]
@@ -114,7 +144,12 @@ async fn cautious_inside_self_consistency() {
 
 #[tokio::test]
 async fn introspection_takes_turns() {
-    let (status, body) = chat(&url(), json!({"strategy": "introspection", "turns": 2}), json!({"max_tokens": 12})).await;
+    let (status, body) = chat(
+        &url(),
+        json!({"strategy": "introspection", "turns": 2}),
+        json!({"max_tokens": 12}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let turns = body["decoding"]["turns"].as_array().unwrap();
     assert!((1..=2).contains(&turns.len()), "{body}");
@@ -146,21 +181,48 @@ async fn handbook_puts_behaviors_in_prompt() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["decoding"]["behaviors"], json!(["add_quantities"]));
     // The engine saw a longer prompt than the bare question's.
-    let (_, plain) = chat(&server.url("/v1/chat/completions"), json!({"strategy": "plain"}), json!({"max_tokens": 1})).await;
-    let with_behaviors = body["decoding"]["engine_tokens"]["prompt"].as_u64().unwrap();
-    let bare = plain["decoding"]["engine_tokens"]["prompt"].as_u64().unwrap();
+    let (_, plain) = chat(
+        &server.url("/v1/chat/completions"),
+        json!({"strategy": "plain"}),
+        json!({"max_tokens": 1}),
+    )
+    .await;
+    let with_behaviors = body["decoding"]["engine_tokens"]["prompt"]
+        .as_u64()
+        .unwrap();
+    let bare = plain["decoding"]["engine_tokens"]["prompt"]
+        .as_u64()
+        .unwrap();
     assert!(with_behaviors > bare, "{with_behaviors} <= {bare}");
     // Usage reports the prompt the client sent.
-    assert_eq!(body["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
+    assert_eq!(
+        body["usage"]["prompt_tokens"],
+        plain["usage"]["prompt_tokens"]
+    );
 }
 
 #[tokio::test]
 async fn preset_alias_selects_strategy() {
     let mut presets = BTreeMap::new();
-    presets.insert("consistent".to_string(), json!({"strategy": "self_consistency", "samples": 2}));
+    presets.insert(
+        "consistent".to_string(),
+        json!({"strategy": "self_consistency", "samples": 2}),
+    );
     let server = start(move |args| args.presets = Some(presets));
-    let models: Value = client().get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let models: Value = client()
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert!(ids.contains(&"smollm2-135m:consistent"), "{ids:?}");
     let response = client()
         .post(server.url("/v1/chat/completions"))
@@ -177,13 +239,37 @@ async fn preset_alias_selects_strategy() {
 async fn bad_strategy_parameters_are_named() {
     let cases = [
         (json!({"strategy": "beam"}), json!({}), "decoding.strategy"),
-        (json!({"strategy": "self_consistency", "smaples": 3}), json!({}), "decoding.smaples"),
-        (json!({"strategy": "self_consistency", "samples": 100}), json!({}), "decoding.samples"),
-        (json!({"strategy": "cautious", "max_trials": 0}), json!({}), "decoding.max_trials"),
-        (json!({"strategy": "introspection", "turns": "3"}), json!({}), "decoding.turns"),
+        (
+            json!({"strategy": "self_consistency", "smaples": 3}),
+            json!({}),
+            "decoding.smaples",
+        ),
+        (
+            json!({"strategy": "self_consistency", "samples": 100}),
+            json!({}),
+            "decoding.samples",
+        ),
+        (
+            json!({"strategy": "cautious", "max_trials": 0}),
+            json!({}),
+            "decoding.max_trials",
+        ),
+        (
+            json!({"strategy": "introspection", "turns": "3"}),
+            json!({}),
+            "decoding.turns",
+        ),
         (json!("self_consistency"), json!({}), "decoding"),
-        (json!({"strategy": "self_consistency"}), json!({"n": 2}), "n"),
-        (json!({"strategy": "cautious"}), json!({"logprobs": true}), "logprobs"),
+        (
+            json!({"strategy": "self_consistency"}),
+            json!({"n": 2}),
+            "n",
+        ),
+        (
+            json!({"strategy": "cautious"}),
+            json!({"logprobs": true}),
+            "logprobs",
+        ),
     ];
     for (decoding, extra, param) in cases {
         let (status, body) = chat(&url(), decoding.clone(), extra).await;

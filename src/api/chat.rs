@@ -125,29 +125,30 @@ fn parse_message(index: usize, value: Value) -> Result<ChatTurn, ApiError> {
             format!("invalid message {index}: {e}"),
         )
     })?;
-    let role =
-        match message.role.as_str() {
-            "system" | "developer" => "system",
-            "user" => "user",
-            "assistant" => "assistant",
-            "tool" | "function" => return Err(ApiError::invalid(
+    let role = match message.role.as_str() {
+        "system" | "developer" => "system",
+        "user" => "user",
+        "assistant" => "assistant",
+        "tool" | "function" => {
+            return Err(ApiError::invalid(
                 at("role"),
                 format!(
                     "`{}`: the role `{}` needs tool calling, which this server does not support",
                     at("role"),
                     message.role
                 ),
-            )),
-            other => {
-                return Err(ApiError::invalid(
-                    at("role"),
-                    format!(
-                        "`{}` must be one of system, developer, user, assistant; got `{other}`",
-                        at("role")
-                    ),
-                ))
-            }
-        };
+            ))
+        }
+        other => {
+            return Err(ApiError::invalid(
+                at("role"),
+                format!(
+                    "`{}` must be one of system, developer, user, assistant; got `{other}`",
+                    at("role")
+                ),
+            ))
+        }
+    };
     let content = match message.content {
         Some(Content::Text(text)) => text,
         Some(Content::Parts(parts)) => {

@@ -260,6 +260,7 @@ impl Strategy for Cautious {
     }
 
     async fn decode(&self, ctx: &Context, input: Input) -> Result<Output, DecodeError> {
+        let hits_before = ctx.engine.prefix_cache_stats().map_or(0, |(hits, _)| hits);
         let mut run = Run {
             params: self,
             ctx,
@@ -329,6 +330,13 @@ impl Strategy for Cautious {
         report.insert("trials".into(), json!(run.trials));
         report.insert("clauses".into(), json!(run.entropies.len()));
         report.insert("mean_entropy".into(), json!(mean_entropy));
+        // NOTE: the engine counts cache hits for all traffic, so concurrent
+        // requests inflate this difference.
+        let hits_after = ctx.engine.prefix_cache_stats().map_or(0, |(hits, _)| hits);
+        report.insert(
+            "engine_prefix_cache_hits".into(),
+            json!(hits_after.saturating_sub(hits_before)),
+        );
         Ok(Output {
             text,
             steps: kept,

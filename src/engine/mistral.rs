@@ -325,6 +325,11 @@ impl Engine for MistralEngine {
             .map_or(&[], Vec::as_slice)
     }
 
+    fn prefix_cache_stats(&self) -> Option<(usize, usize)> {
+        let logger = self.runner.get_logger(None).ok()?;
+        Some(logger.prefix_cache_stats())
+    }
+
     fn generate(&self, request: GenerateRequest) -> Result<Vec<Continuation>, EngineError> {
         let base_seed = request.seed.unwrap_or_else(rand::random);
         (0..request.n)

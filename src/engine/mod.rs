@@ -163,6 +163,12 @@ pub trait Engine: Send + Sync {
     fn token_bytes(&self, token: u32) -> &[u8];
 
     fn generate(&self, request: GenerateRequest) -> Result<Vec<Continuation>, EngineError>;
+
+    /// Cumulative `(hits, sequences)` of the engine's prefix cache: how many
+    /// sequences started from a cached prefix, out of all sequences started.
+    fn prefix_cache_stats(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Concatenates the bytes of `tokens` and decodes them, replacing invalid

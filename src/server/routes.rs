@@ -39,6 +39,18 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // The engine keeps its own counts; bring the exported counters up to them.
+    for slot in &state.models {
+        let stats = slot.engine().and_then(|e| e.prefix_cache_stats());
+        if let Some((hits, sequences)) = stats {
+            let sync = |counter: &prometheus::IntCounterVec, value: usize| {
+                let counter = counter.with_label_values(&[&slot.name]);
+                counter.inc_by((value as u64).saturating_sub(counter.get()));
+            };
+            sync(&state.metrics.prefix_cache_hits, hits);
+            sync(&state.metrics.engine_sequences, sequences);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -1,0 +1,144 @@
+"""GSM8K accuracy and cost of each decoding strategy against greedy decoding.
+
+Starts a release mull server on the given GGUF file, runs the first N
+questions of GSM8K dev through greedy decoding, each strategy and cautious
+decoding inside self-consistency, and writes a table of accuracy, engine
+tokens per question and wall time, each also as a ratio to greedy, into
+BENCHMARKS.md. Configurations alternate per question, so machine noise hits
+them alike. Progress goes to stderr.
+
+Usage: bench_strategies.py MODEL.gguf LABEL [N] [MAX_TOKENS]
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+INSTRUCTION = "Solve the problem step by step, then end with \"The answer is\" and the number."
+
+CONFIGS = {
+    "greedy": {"temperature": 0},
+    "self_consistency": {"decoding": {"strategy": "self_consistency", "samples": 5}},
+    "cautious": {"temperature": 0.7, "decoding": {"strategy": "cautious"}},
+    "introspection": {"temperature": 0, "decoding": {"strategy": "introspection", "turns": 3}},
+    "self_consistency+cautious": {
+        "decoding": {"strategy": "self_consistency", "samples": 5, "inner": {"strategy": "cautious"}}
+    },
+}
+
+
+def number(text):
+    marked = re.search(r"answer is\s*\$?(-?[\d,]*\.?\d+)", text, re.IGNORECASE)
+    found = [marked.group(1)] if marked else re.findall(r"-?\d[\d,]*\.?\d*", text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "").rstrip(".")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def start(model):
+    server = subprocess.Popen(
+        [str(ROOT / "target/release/mull"), "serve", "--port", "0", "--model-path", model,
+         "--request-timeout-secs", "3600"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = None
+    while url is None:
+        line = server.stderr.readline()
+        if not line:
+            raise RuntimeError("server exited")
+        found = re.search(r"listening on (http://\S+)", line)
+        url = found.group(1) if found else None
+    while True:
+        try:
+            urllib.request.urlopen(url + "/ready")
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+
+
+def ask(url, question, config, max_tokens):
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "seed": 1,
+        **config,
+    }
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    begin = time.perf_counter()
+    reply = json.load(urllib.request.urlopen(request))
+    elapsed = time.perf_counter() - begin
+    usage = reply["usage"]
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+    if "decoding" in reply:
+        spent = reply["decoding"]["engine_tokens"]
+        tokens = spent["prompt"] + spent["generated"]
+    return reply["choices"][0]["message"]["content"], tokens, elapsed
+
+
+def main():
+    model, label = sys.argv[1], sys.argv[2]
+    count = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    max_tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 160
+    rows = [json.loads(line) for line in DEV.open()][:count]
+    results = {name: {"correct": 0, "tokens": 0, "seconds": 0.0} for name in CONFIGS}
+    server, url = start(model)
+    try:
+        for i, row in enumerate(rows):
+            gold = row["answer"].split("####")[-1].strip().replace(",", "")
+            for name, config in CONFIGS.items():
+                text, tokens, seconds = ask(url, row["question"], config, max_tokens)
+                result = results[name]
+                result["correct"] += number(text) == gold
+                result["tokens"] += tokens
+                result["seconds"] += seconds
+                print(f"bench-strategies: {label} question {i + 1}/{count} {name}: "
+                      f"{seconds:.1f} s, {'right' if number(text) == gold else 'wrong'}",
+                      file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait()
+    write(label, count, max_tokens, results)
+
+
+def write(label, count, max_tokens, results):
+    greedy = results["greedy"]
+    lines = [
+        f"### {label}: first {count} GSM8K dev questions, max_tokens {max_tokens}",
+        "",
+        "| decoding | accuracy | ratio | engine tokens per question | ratio | seconds per question | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        accuracy = r["correct"] / count
+        ratio = accuracy / (greedy["correct"] / count) if greedy["correct"] else float("nan")
+        lines.append(
+            f"| {name} | {accuracy:.2f} | {ratio:.2f}x | {r['tokens'] / count:.0f} "
+            f"| {r['tokens'] / greedy['tokens']:.2f}x | {r['seconds'] / count:.1f} "
+            f"| {r['seconds'] / greedy['seconds']:.2f}x |"
+        )
+    begin, end = f"<!-- strategies:{label}:begin -->", f"<!-- strategies:{label}:end -->"
+    section = "\n".join([begin, *lines, end])
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
