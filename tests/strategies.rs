@@ -132,7 +132,8 @@ async fn cautious_inside_self_consistency() {
     });
     let (status, body) = chat(&url(), decoding.clone(), json!({"max_tokens": 8})).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["decoding"]["params"]["inner"], "cautious");
+    assert_eq!(body["decoding"]["params"]["inner"]["strategy"], "cautious");
+    assert_eq!(body["decoding"]["params"]["inner"]["max_trials"], 2);
     assert_spent_covers_returned(&body["decoding"]);
 
     let (status, events) = chat(&url(), decoding, json!({"max_tokens": 8, "stream": true})).await;
@@ -190,9 +191,7 @@ async fn handbook_puts_behaviors_in_prompt() {
     let with_behaviors = body["decoding"]["engine_tokens"]["prompt"]
         .as_u64()
         .unwrap();
-    let bare = plain["decoding"]["engine_tokens"]["prompt"]
-        .as_u64()
-        .unwrap();
+    let bare = plain["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(with_behaviors > bare, "{with_behaviors} <= {bare}");
     // Usage reports the prompt the client sent.
     assert_eq!(
@@ -270,6 +269,12 @@ async fn bad_strategy_parameters_are_named() {
             json!({"logprobs": true}),
             "logprobs",
         ),
+        // The shared server has no handbook file.
+        (
+            json!({"strategy": "handbook"}),
+            json!({}),
+            "decoding.strategy",
+        ),
     ];
     for (decoding, extra, param) in cases {
         let (status, body) = chat(&url(), decoding.clone(), extra).await;
@@ -283,4 +288,62 @@ async fn bad_strategy_parameters_are_named() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+}
+
+#[tokio::test]
+async fn plain_opts_out_of_default_strategy() {
+    let server = start(|args| {
+        args.models = Some(vec![mull::config::ModelEntry {
+            name: MODEL.into(),
+            path: common::model_path(),
+            dtype: None,
+            device: None,
+            max_batch_size: None,
+            default_strategy: Some(json!({"strategy": "self_consistency", "samples": 2})),
+        }]);
+        args.model_path = None;
+    });
+    let url = server.url("/v1/chat/completions");
+    let (status, body) = chat(&url, Value::Null, json!({"max_tokens": 4})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["decoding"]["strategy"], "self_consistency");
+    let extra = json!({"max_tokens": 4, "n": 2, "logprobs": true});
+    let (status, body) = chat(&url, json!({"strategy": "plain"}), extra).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"].as_array().unwrap().len(), 2);
+    assert!(body.get("decoding").is_none());
+}
+
+#[tokio::test]
+async fn disconnect_cancels_strategy_stream() {
+    let server = start(|args| {
+        args.max_concurrent_requests = Some(1);
+        args.max_queued_requests = Some(0);
+    });
+    let url = server.url("/v1/chat/completions");
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 64,
+        "stream": true,
+        "decoding": {"strategy": "self_consistency", "samples": 16, "early_stop": false},
+    });
+    let mut response = client().post(&url).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The role chunk arrives at once; the answer would take many seconds.
+    response.chunk().await.unwrap().expect("a first chunk");
+    drop(response);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = chat(&url, json!({"strategy": "plain"}), json!({"max_tokens": 2})).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not freed after disconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

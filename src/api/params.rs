@@ -77,6 +77,7 @@ pub enum Stop {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
@@ -163,7 +164,16 @@ pub fn from_object<T: DeserializeOwned>(object: &Map<String, Value>) -> Result<T
     let value = Value::Object(object.clone());
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
+        let mut inner = e.into_inner().to_string();
+        if inner.contains("untagged enum") {
+            inner = match path.as_str() {
+                "stop" => "expected a string or a list of strings".into(),
+                "prompt" => {
+                    "expected a string or a list of token ids (non-negative integers)".into()
+                }
+                _ => "unexpected type or value".into(),
+            };
+        }
         let param = if path == "." {
             "body".to_string()
         } else {

@@ -251,9 +251,11 @@ impl Strategy for Cautious {
     }
 
     fn params(&self) -> Value {
+        // Rounded so the f32 values read back as they were written.
+        let round = |x: f32| (f64::from(x) * 1e6).round() / 1e6;
         json!({
-            "low_entropy": self.low_entropy,
-            "high_entropy": self.high_entropy,
+            "low_entropy": round(self.low_entropy),
+            "high_entropy": round(self.high_entropy),
             "max_trials": self.max_trials,
             "max_clause_tokens": self.max_clause_tokens,
         })

@@ -193,7 +193,7 @@ impl Strategy for Handbook {
     }
 
     fn params(&self) -> Value {
-        json!({"behaviors": self.behaviors, "inner": self.inner.name()})
+        json!({"behaviors": self.behaviors, "inner": super::describe(self.inner.as_ref())})
     }
 
     async fn decode(&self, ctx: &Context, mut input: Input) -> Result<Output, DecodeError> {

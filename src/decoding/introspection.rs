@@ -63,7 +63,7 @@ impl Strategy for Introspection {
     }
 
     fn params(&self) -> Value {
-        json!({"turns": self.turns, "inner": self.inner.name()})
+        json!({"turns": self.turns, "inner": super::describe(self.inner.as_ref())})
     }
 
     async fn decode(&self, ctx: &Context, input: Input) -> Result<Output, DecodeError> {

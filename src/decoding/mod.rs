@@ -288,6 +288,16 @@ impl Params<'_> {
     }
 }
 
+/// A strategy as a `decoding` object that parses back to the same strategy.
+pub fn describe(strategy: &dyn Strategy) -> Value {
+    let mut object = match strategy.params() {
+        Value::Object(object) => object,
+        _ => Map::new(),
+    };
+    object.insert("strategy".into(), strategy.name().into());
+    Value::Object(object)
+}
+
 /// The `decoding` object of a response.
 pub fn report(strategy: &dyn Strategy, output: &Output) -> Value {
     let mut object = Map::new();
@@ -343,6 +353,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(error.param.as_deref(), Some("decoding.low_entropy"));
+    }
+
+    #[test]
+    fn description_parses_back() {
+        let value = json!({
+            "strategy": "self_consistency",
+            "samples": 4,
+            "inner": {"strategy": "cautious", "max_trials": 3},
+        });
+        let strategy = parse(&value, "decoding").unwrap();
+        let described = describe(strategy.as_ref());
+        let again = parse(&described, "decoding").unwrap();
+        assert_eq!(describe(again.as_ref()), described);
+        assert_eq!(described["inner"]["max_trials"], 3);
     }
 
     #[test]

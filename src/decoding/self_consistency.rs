@@ -334,7 +334,7 @@ impl Strategy for SelfConsistency {
         json!({
             "samples": self.samples,
             "early_stop": self.early_stop,
-            "inner": self.inner.as_ref().map_or(plain::NAME, |i| i.name()),
+            "inner": self.inner.as_ref().map_or_else(|| json!({"strategy": plain::NAME}), |i| super::describe(i.as_ref())),
         })
     }
 

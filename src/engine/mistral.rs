@@ -325,6 +325,10 @@ impl Engine for MistralEngine {
             .map_or(&[], Vec::as_slice)
     }
 
+    fn control_tokens(&self) -> &[String] {
+        &self.vocab.control_tokens
+    }
+
     fn prefix_cache_stats(&self) -> Option<(usize, usize)> {
         let logger = self.runner.get_logger(None).ok()?;
         Some(logger.prefix_cache_stats())

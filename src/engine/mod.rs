@@ -164,6 +164,12 @@ pub trait Engine: Send + Sync {
 
     fn generate(&self, request: GenerateRequest) -> Result<Vec<Continuation>, EngineError>;
 
+    /// Texts of the control tokens (such as `<|im_end|>`) that the chat
+    /// template uses, which user text must not contain.
+    fn control_tokens(&self) -> &[String] {
+        &[]
+    }
+
     /// Cumulative `(hits, sequences)` of the engine's prefix cache: how many
     /// sequences started from a cached prefix, out of all sequences started.
     fn prefix_cache_stats(&self) -> Option<(usize, usize)> {

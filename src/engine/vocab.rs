@@ -21,6 +21,8 @@ pub struct GgufVocab {
     /// as the chat template's end-of-turn marker.
     pub by_text: HashMap<String, u32>,
     pub context_length: Option<usize>,
+    /// Texts of the control tokens, which generated text never contains.
+    pub control_tokens: Vec<String>,
 }
 
 impl GgufVocab {
@@ -48,10 +50,12 @@ impl GgufVocab {
 
         let mut token_bytes = Vec::with_capacity(tokens.len());
         let mut by_text = HashMap::new();
+        let mut control_tokens = Vec::new();
         for (id, token) in tokens.iter().enumerate() {
             let text = token.to_string().map_err(|e| e.to_string())?;
             by_text.insert(text.clone(), id as u32);
             let bytes = if kinds.get(id) == Some(&CONTROL_TOKEN) {
+                control_tokens.push(text.clone());
                 Vec::new()
             } else if byte_level {
                 text.chars()
@@ -73,6 +77,7 @@ impl GgufVocab {
             eos_token: get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
             by_text,
             context_length,
+            control_tokens,
         })
     }
 }

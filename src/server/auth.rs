@@ -20,15 +20,24 @@ pub async fn require_api_key(
     if state.config.api_keys.is_empty() {
         return next.run(request).await;
     }
-    let presented = request
+    let header = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = presented else {
+        .and_then(|v| v.to_str().ok());
+    let Some(header) = header else {
         return ApiError::unauthorized("missing API key; send it as `Authorization: Bearer KEY`")
             .into_response();
+    };
+    // The scheme name is case-insensitive (RFC 9110, section 11.1).
+    let presented = header
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    let Some(presented) = presented else {
+        return ApiError::unauthorized(
+            "unsupported authorization scheme; send the key as `Authorization: Bearer KEY`",
+        )
+        .into_response();
     };
     let valid = state
         .config

@@ -76,6 +76,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) ->
         let request = ChatRequest::parse(&bytes, &state.limits)?;
         let (slot, engine, strategy) = resolve_model(&state, &request.params)?;
         label = Some(slot.name.clone());
+        reject_control_tokens(engine.as_ref(), &request.messages)?;
         debug!(messages = %truncate(&format!("{:?}", request.messages)), "chat prompt");
         let prompt = engine.tokenize_chat(&request.messages).await.map_err(|e| {
             error!(cause = %e, "chat template failed");
@@ -146,6 +147,28 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Rejects message text that spells one of the chat template's control
+/// tokens: the template would turn it into a real one, letting the text
+/// end its own message and speak for another role.
+fn reject_control_tokens(engine: &dyn Engine, messages: &[ChatTurn]) -> Result<(), ApiError> {
+    for (i, message) in messages.iter().enumerate() {
+        let found = engine
+            .control_tokens()
+            .iter()
+            .find(|t| !t.is_empty() && message.content.contains(t.as_str()));
+        if let Some(token) = found {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                format!(
+                    "`messages[{i}].content` contains the control token `{token}`, which would \
+                     change the conversation's structure; remove it"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 type Resolved = (Arc<ModelSlot>, Arc<dyn Engine>, Option<Arc<dyn Strategy>>);
 
 /// Finds the model and the decoding strategy: the request's `decoding`
@@ -159,6 +182,9 @@ fn resolve_model(state: &AppState, params: &GenerationParams) -> Result<Resolved
         Some(value) => Some(decoding::parse(value, "decoding")?),
         None => preset.or_else(|| slot.default_strategy.clone()),
     };
+    // `plain` is ordinary sampling, with `n` and `logprobs`; naming it is
+    // how a request opts out of a model's default strategy.
+    let strategy = strategy.filter(|s| s.name() != decoding::plain::NAME);
     let engine = slot.engine().ok_or_else(ApiError::not_ready)?;
     Ok((slot.clone(), engine, strategy))
 }
@@ -190,8 +216,14 @@ async fn respond(
 /// Resolves `max_tokens` against the context length.
 fn budget(prompt: usize, requested: Option<usize>, context: usize) -> Result<usize, ApiError> {
     let exceeded = |wanted: usize| {
+        // Name the prompt when it alone fills the context.
+        let param = if prompt >= context {
+            "messages"
+        } else {
+            "max_tokens"
+        };
         ApiError::invalid(
-            "max_tokens",
+            param,
             format!(
                 "this model's maximum context length is {context} tokens, but {wanted} were \
                  requested ({prompt} in the prompt, {} for the completion); shorten the prompt \
@@ -232,7 +264,8 @@ async fn generate(
         engine.info().context_length,
     )?;
     if let Some(strategy) = &strategy {
-        strategy::check(strategy.as_ref(), &params, endpoint)?;
+        let handbook_loaded = !state.config.handbook.is_empty();
+        strategy::check(strategy.as_ref(), &params, endpoint, handbook_loaded)?;
     }
     let deadline = TokioInstant::from_std(started) + state.config.request_timeout;
     let permit = tokio::time::timeout_at(deadline, slot.admission.admit())
@@ -554,7 +587,13 @@ impl Job {
             }
         }
         loop {
-            let event = match tokio::time::timeout_at(self.deadline, events.next()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(self.deadline, events.next()) => next,
+                // A sequence waiting for the engine sends nothing, so watch
+                // the client directly.
+                () = tx.closed() => return self.log_end("client disconnected"),
+            };
+            let event = match next {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(_) => {

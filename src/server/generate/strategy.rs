@@ -31,7 +31,14 @@ pub(super) fn check(
     strategy: &dyn Strategy,
     params: &GenerationParams,
     endpoint: Endpoint,
+    handbook_loaded: bool,
 ) -> Result<(), ApiError> {
+    if strategy.name() == decoding::handbook::NAME && !handbook_loaded {
+        return Err(ApiError::invalid(
+            "decoding.strategy",
+            "the `handbook` strategy needs behaviors, and this server has none; start it with --handbook-path FILE",
+        ));
+    }
     if params.n != 1 {
         return Err(ApiError::invalid(
             "n",
@@ -204,6 +211,9 @@ impl Job {
                     }
                 }
                 result = &mut decode => break result,
+                // Strategies that send nothing until they finish would
+                // otherwise notice a departed client only at the end.
+                () = tx.closed() => return self.log_end("client disconnected"),
                 () = &mut deadline => {
                     let error = ApiError::timeout(self.state.config.request_timeout.as_secs());
                     let _ = tx.send(Ok(Event::default().data(error.to_json()))).await;
