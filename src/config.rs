@@ -522,6 +522,15 @@ mod tests {
     }
 
     #[test]
+    fn documented_config_file_is_valid() {
+        let text = include_str!("../config/mull.toml");
+        let file: ServeArgs = toml::from_str(text).unwrap();
+        let config = ServeArgs::default().over(file).validate().unwrap();
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.max_concurrent_requests, 4);
+    }
+
+    #[test]
     fn unknown_file_key_rejected() {
         assert!(toml::from_str::<ServeArgs>("prot = 1").is_err());
     }

@@ -46,8 +46,8 @@ pub enum FetchError {
 
 /// Format the default model is served in. candle has no vectorized CPU
 /// kernel for Q4_1, so by default the shipped Q4_1 weights are converted to
-/// Q8_0 once, after the fetch: every Q4_1 block is exactly representable up
-/// to Q8_0's rounding, and decoding is about twice as fast (BENCHMARKS.md).
+/// Q8_0 once, after the fetch: every Q4_1 block is representable up to
+/// Q8_0's rounding, and decoding is about 1.3 times as fast (BENCHMARKS.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultFormat {
     /// The shipped file, unchanged.
