@@ -27,7 +27,7 @@ pub struct Behavior {
     pub tags: Vec<String>,
 }
 
-/// Where behaviors come from.
+/// Source of behaviors for the handbook strategy.
 pub trait BehaviorSource: Send + Sync {
     /// The at most `k` behaviors most relevant to `query`, best first.
     fn retrieve(&self, query: &str, k: usize) -> Vec<Behavior>;

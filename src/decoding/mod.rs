@@ -32,7 +32,7 @@ use crate::{
 
 pub use handbook::{Behavior, BehaviorSource};
 
-/// What a strategy decodes: the conversation (when the request is a chat),
+/// The input of a strategy: the conversation (when the request is a chat),
 /// its tokenized prompt, and the request's sampling settings.
 #[derive(Debug, Clone)]
 pub struct Input {
@@ -80,19 +80,19 @@ pub struct Output {
     pub streamed: bool,
 }
 
-/// What a strategy may use besides its input.
+/// Resources a strategy may use besides its input.
 #[derive(Clone)]
 pub struct Context {
     pub engine: Arc<dyn Engine>,
     pub behaviors: Arc<dyn BehaviorSource>,
-    /// Where a strategy that produces text incrementally sends it; `None`
+    /// Channel for text that a strategy produces incrementally; `None`
     /// when the caller is not streaming or the strategy runs inside another.
     pub stream: Option<mpsc::UnboundedSender<String>>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
-    /// The same context without streaming, for inner strategies.
+    /// Returns the same context without streaming, for inner strategies.
     pub fn quiet(&self) -> Self {
         Self {
             stream: None,

@@ -170,7 +170,7 @@ impl MistralEngine {
             reasoning_effort: None,
             response: tx,
         });
-        // mistral.rs panics if the reply channel is gone when it answers, so
+        // mistral.rs panics if the reply channel is gone when it replies, so
         // the receiver lives in a task of its own that outlives a cancelled
         // caller.
         let reply = tokio::spawn(async move {

@@ -85,7 +85,7 @@ pub struct TokenStep {
     pub distribution: Option<Arc<Vec<(u32, f32)>>>,
 }
 
-/// Why a continuation ended.
+/// Reason a continuation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// The model emitted an end-of-sequence token (reported as the last step).
@@ -98,7 +98,7 @@ pub enum FinishReason {
     Cancelled,
 }
 
-/// What a continuation reports, in order: steps, then exactly one finish or
+/// Event a continuation reports, in order: steps, then exactly one finish or
 /// error.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepEvent {

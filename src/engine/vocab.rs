@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 /// `<|im_end|>`, which never appear in generated text.
 const CONTROL_TOKEN: i32 = 3;
 
-/// What the server needs from a GGUF file besides the weights.
+/// Tokenizer and context facts read from a GGUF file.
 #[derive(Debug, Clone)]
 pub struct GgufVocab {
     /// Bytes of each token, indexed by token id.

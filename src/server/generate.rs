@@ -1,7 +1,14 @@
 //! `POST /v1/chat/completions` and `POST /v1/completions`: admission, the
 //! context check, and the response, whole or as server-sent events.
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use axum::{
     body::{to_bytes, Body, Bytes},
@@ -304,6 +311,8 @@ async fn generate(
             tracker: Tracker::default(),
             _permit: permit,
             _cancel: cancel.drop_guard(),
+            span: Span::current(),
+            logged: AtomicBool::new(false),
         };
         return Ok(job.run_strategy(strategy, input).await);
     }
@@ -336,6 +345,8 @@ async fn generate(
         tracker: Tracker::default(),
         _permit: permit,
         _cancel: cancel.drop_guard(),
+        span: Span::current(),
+        logged: AtomicBool::new(false),
     };
     if job.params.stream {
         Ok(job.stream(events))
@@ -389,6 +400,24 @@ struct Job {
     tracker: Tracker,
     _permit: Permit,
     _cancel: tokio_util::sync::DropGuard,
+    span: Span,
+    /// Set once the request's final log line is written.
+    logged: AtomicBool,
+}
+
+impl Drop for Job {
+    /// Writes the final line for a request whose client went away before
+    /// a whole response was sent (the handler future is dropped then).
+    fn drop(&mut self) {
+        if !self.logged.load(Ordering::Relaxed) {
+            let _entered = self.span.enter();
+            info!(
+                outcome = "client disconnected",
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "request finished"
+            );
+        }
+    }
 }
 
 /// One choice's result, gathered for a whole response.
@@ -458,6 +487,18 @@ impl Job {
 
     async fn collect(
         mut self,
+        events: impl Stream<Item = ChoiceEvent> + Unpin,
+    ) -> Result<Response, ApiError> {
+        let result = self.collect_inner(events).await;
+        if result.is_err() {
+            // The middleware logs error responses.
+            self.logged.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn collect_inner(
+        &mut self,
         mut events: impl Stream<Item = ChoiceEvent> + Unpin,
     ) -> Result<Response, ApiError> {
         let mut choices: Vec<Collected> =
@@ -544,11 +585,7 @@ impl Job {
             })
             .into_response(),
         };
-        info!(
-            status = 200,
-            elapsed_ms = self.started.elapsed().as_millis() as u64,
-            "request finished"
-        );
+        self.log_end("completed");
         let mut response = body;
         response.extensions_mut().insert(StreamLogged);
         Ok(response)
@@ -643,6 +680,7 @@ impl Job {
     }
 
     fn log_end(&self, outcome: &str) {
+        self.logged.store(true, Ordering::Relaxed);
         info!(
             status = 200,
             outcome,

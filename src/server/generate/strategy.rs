@@ -115,14 +115,19 @@ impl Job {
         if self.params.stream {
             return self.stream_strategy(strategy, input);
         }
-        match self.whole_strategy(strategy, input).await {
+        let mut job = self;
+        match job.whole_strategy(strategy, input).await {
             Ok(response) => response,
-            Err(error) => error.into_response(),
+            Err(error) => {
+                // The middleware logs error responses.
+                job.logged.store(true, std::sync::atomic::Ordering::Relaxed);
+                error.into_response()
+            }
         }
     }
 
     async fn whole_strategy(
-        mut self,
+        &mut self,
         strategy: Arc<dyn Strategy>,
         input: Input,
     ) -> Result<Response, ApiError> {
