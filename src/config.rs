@@ -305,7 +305,7 @@ impl ServeArgs {
                 ));
             }
             if let Err(e) = crate::decoding::parse(value, &format!("presets.{name}")) {
-                errors.push(format!("{}: {}", e.param.unwrap_or_default(), e.message));
+                errors.push(config_error(e));
             }
         }
         let mut models = Vec::new();
@@ -363,7 +363,7 @@ impl ServeArgs {
                 },
                 Some(value) => {
                     if let Err(e) = crate::decoding::parse(&value, &field("default_strategy")) {
-                        errors.push(format!("{}: {}", e.param.unwrap_or_default(), e.message));
+                        errors.push(config_error(e));
                     }
                     Some(value)
                 }
@@ -421,6 +421,16 @@ impl ServeArgs {
             },
             None => Vec::new(),
         };
+        if handbook.is_empty() {
+            let defaults = models.iter().filter_map(|m| m.default_strategy.as_ref());
+            if presets.values().chain(defaults).any(uses_handbook) {
+                errors.push(
+                    "handbook_path: a preset or default strategy uses the handbook strategy, \
+                     which needs a handbook file"
+                        .into(),
+                );
+            }
+        }
         let log = self.log.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
             errors.push(format!("log: `{log}` is not a valid filter"));
@@ -445,6 +455,22 @@ impl ServeArgs {
             presets,
         })
     }
+}
+
+/// A strategy's validation error as a configuration error naming the key.
+fn config_error(error: crate::api::ApiError) -> String {
+    let param = error.param.unwrap_or_default();
+    if error.message.contains(&param) {
+        error.message
+    } else {
+        format!("{param}: {}", error.message)
+    }
+}
+
+/// Whether a `decoding` object uses the handbook, at the top or inside.
+fn uses_handbook(value: &serde_json::Value) -> bool {
+    value["strategy"] == crate::decoding::handbook::NAME
+        || value.get("inner").is_some_and(uses_handbook)
 }
 
 #[cfg(test)]
@@ -519,6 +545,23 @@ mod tests {
         let ConfigError(errors) = ServeArgs::default().over(file).validate().unwrap_err();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("presets.broken.samples"), "{errors:?}");
+    }
+
+    #[test]
+    fn handbook_preset_needs_handbook_file() {
+        let file: ServeArgs = toml::from_str(
+            r#"
+            [presets.guided]
+            strategy = "self_consistency"
+            inner = { strategy = "handbook" }
+            "#,
+        )
+        .unwrap();
+        let ConfigError(errors) = ServeArgs::default().over(file).validate().unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.starts_with("handbook_path")),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -134,6 +134,12 @@ async fn cautious_inside_self_consistency() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["decoding"]["params"]["inner"]["strategy"], "cautious");
     assert_eq!(body["decoding"]["params"]["inner"]["max_trials"], 2);
+    // The reported parameters are a decoding object in their own right.
+    let echoed = body["decoding"]["params"].clone();
+    assert_eq!(echoed["strategy"], "self_consistency");
+    let (status, again) = chat(&url(), echoed.clone(), json!({"max_tokens": 4})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["decoding"]["params"], echoed);
     assert_spent_covers_returned(&body["decoding"]);
 
     let (status, events) = chat(&url(), decoding, json!({"max_tokens": 8, "stream": true})).await;

@@ -165,6 +165,7 @@ pub struct TextLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
     pub top_logprobs: Vec<indexmap::IndexMap<String, f32>>,
+    /// Byte offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }
 
@@ -175,7 +176,10 @@ impl TextLogprobs {
         for step in steps {
             let token = text(step.token);
             self.text_offset.push(offset);
-            offset += token.len();
+            // Offsets count UTF-8 bytes of the text; a token that holds part
+            // of a character spells it as U+FFFD, so its string length would
+            // drift from the text.
+            offset += engine.token_bytes(step.token).len();
             self.tokens.push(token);
             self.token_logprobs.push(step.logprob);
             self.top_logprobs.push(

@@ -302,7 +302,7 @@ pub fn describe(strategy: &dyn Strategy) -> Value {
 pub fn report(strategy: &dyn Strategy, output: &Output) -> Value {
     let mut object = Map::new();
     object.insert("strategy".into(), strategy.name().into());
-    object.insert("params".into(), strategy.params());
+    object.insert("params".into(), describe(strategy));
     object.insert(
         "engine_tokens".into(),
         serde_json::json!({

@@ -540,7 +540,7 @@ impl Job {
                 id: self.id.clone(),
                 object: "chat.completion",
                 created: self.created,
-                model: self.model().to_string(),
+                model: self.params.model.clone(),
                 choices: choices
                     .into_iter()
                     .enumerate()
@@ -565,7 +565,7 @@ impl Job {
                 id: self.id.clone(),
                 object: "text_completion",
                 created: self.created,
-                model: self.model().to_string(),
+                model: self.params.model.clone(),
                 choices: choices
                     .into_iter()
                     .enumerate()
@@ -708,7 +708,7 @@ impl Job {
             id: self.id.clone(),
             object: "chat.completion.chunk",
             created: self.created,
-            model: self.model().to_string(),
+            model: self.params.model.clone(),
             choices: vec![ChunkChoice {
                 index,
                 delta,
@@ -731,7 +731,7 @@ impl Job {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
-            model: self.model().to_string(),
+            model: self.params.model.clone(),
             choices: vec![TextChoice {
                 index,
                 text,
@@ -787,7 +787,7 @@ impl Job {
                 id: self.id.clone(),
                 object: "chat.completion.chunk",
                 created: self.created,
-                model: self.model().to_string(),
+                model: self.params.model.clone(),
                 choices: Vec::new(),
                 usage: Some(Some(usage)),
                 decoding: None,
@@ -796,7 +796,7 @@ impl Job {
                 id: self.id.clone(),
                 object: "text_completion",
                 created: self.created,
-                model: self.model().to_string(),
+                model: self.params.model.clone(),
                 choices: Vec::new(),
                 usage: Some(Some(usage)),
                 decoding: None,
