@@ -121,9 +121,9 @@ def write(label, count, max_tokens, results):
     ]
     for name, r in results.items():
         accuracy = r["correct"] / count
-        ratio = accuracy / (greedy["correct"] / count) if greedy["correct"] else float("nan")
+        ratio = f"{accuracy / (greedy['correct'] / count):.2f}x" if greedy["correct"] else "n/a"
         lines.append(
-            f"| {name} | {accuracy:.2f} | {ratio:.2f}x | {r['tokens'] / count:.0f} "
+            f"| {name} | {accuracy:.2f} | {ratio} | {r['tokens'] / count:.0f} "
             f"| {r['tokens'] / greedy['tokens']:.2f}x | {r['seconds'] / count:.1f} "
             f"| {r['seconds'] / greedy['seconds']:.2f}x |"
         )
