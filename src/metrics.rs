@@ -223,6 +223,10 @@ impl Default for Metrics {
     }
 }
 
+/// Status label of requests whose client disconnected before a whole
+/// response was sent.
+pub const DISCONNECTED: &str = "disconnected";
+
 /// `2xx`, `4xx` or `5xx` (and so on) for a status code.
 pub fn status_class(status: u16) -> &'static str {
     match status / 100 {

@@ -659,3 +659,39 @@ async fn bearer_scheme_is_case_insensitive() {
         .unwrap();
     assert_eq!(basic.status(), 401);
 }
+
+#[tokio::test]
+async fn disconnected_whole_request_is_counted() {
+    let server = start(|_| {});
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let body = chat_body("Tell a long story.", json!({"max_tokens": 2000}));
+    let sent = impatient
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await;
+    assert!(sent.is_err(), "the request should time out on the client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = client()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric_value(&metrics, "mull_requests_total", "status=\"disconnected\"") == 1.0 {
+            assert_eq!(metric_value(&metrics, "mull_requests_running", MODEL), 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "disconnect not counted: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -31,6 +31,8 @@ use super::{
 };
 mod strategy;
 
+use crate::metrics::DISCONNECTED;
+
 use crate::{
     api::{
         chat::ChatRequest,
@@ -406,8 +408,9 @@ struct Job {
 }
 
 impl Drop for Job {
-    /// Writes the final line for a request whose client went away before
-    /// a whole response was sent (the handler future is dropped then).
+    /// Writes the final line, and counts the request, when its client went
+    /// away before a whole response was sent: the handler future is dropped
+    /// then, so neither the handler nor the middleware sees the end.
     fn drop(&mut self) {
         if !self.logged.load(Ordering::Relaxed) {
             let _entered = self.span.enter();
@@ -416,6 +419,11 @@ impl Drop for Job {
                 elapsed_ms = self.started.elapsed().as_millis() as u64,
                 "request finished"
             );
+            self.state
+                .metrics
+                .requests
+                .with_label_values(&[&self.slot.name, self.endpoint.path(), DISCONNECTED])
+                .inc();
         }
     }
 }
