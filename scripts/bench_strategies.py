@@ -116,6 +116,8 @@ def write(label, count, max_tokens, results):
     lines = [
         f"### {label}: first {count} GSM8K dev questions, max_tokens {max_tokens}",
         "",
+        f"![engine tokens and wall time as ratios to greedy](docs/strategies-{label}.png)",
+        "",
         "| decoding | accuracy | ratio | engine tokens per question | ratio | seconds per question | ratio |",
         "|---|---|---|---|---|---|---|",
     ]

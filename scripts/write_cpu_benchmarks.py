@@ -41,6 +41,8 @@ def main():
         f"{len(base['decode'])} runs per configuration, configurations alternated.",
         "Ratios are against the shipped Q4_1 file with f32 activations in the same run.",
         "",
+        "![prefill and decode tokens/s per configuration](docs/cpu-speed.png)",
+        "",
         "| format, activations | prefill tokens/s | ratio | decode tokens/s | ratio |",
         "|---|---|---|---|---|",
         *rows,
