@@ -7,6 +7,7 @@ reference answers. Usage: answer_agreement.py A.gguf B.gguf [N]
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+DEV = Path(os.environ.get("GSM8K_DEV", ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"))
 
 
 def last_number(text):

@@ -11,6 +11,7 @@ Usage: bench_strategies.py MODEL.gguf LABEL [N] [MAX_TOKENS]
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+DEV = Path(os.environ.get("GSM8K_DEV", ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"))
 INSTRUCTION = "Solve the problem step by step, then end with \"The answer is\" and the number."
 
 CONFIGS = {

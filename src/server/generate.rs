@@ -288,51 +288,6 @@ async fn generate(
     span.record("queue_ms", permit.queued_for.as_millis() as u64);
 
     let cancel = CancellationToken::new();
-    if let Some(strategy) = strategy {
-        let input = decoding::Input {
-            messages,
-            prompt: prompt.clone(),
-            sampling: params.sampling.clone(),
-            temperature_set: params.temperature_set,
-            seed: params.seed,
-            max_tokens,
-            stops: params.stop.clone(),
-            cancel: cancel.clone(),
-        };
-        let job = Job {
-            state,
-            endpoint,
-            slot,
-            engine,
-            params,
-            prompt_tokens: prompt.len(),
-            started,
-            deadline,
-            id: response_id(endpoint),
-            created: unix_now(),
-            tracker: Tracker::default(),
-            _permit: permit,
-            _cancel: cancel.drop_guard(),
-            span: Span::current(),
-            logged: AtomicBool::new(false),
-        };
-        return Ok(job.run_strategy(strategy, input).await);
-    }
-    let request = GenerateRequest {
-        prompt: prompt.clone(),
-        n: params.n,
-        sampling: params.sampling.clone(),
-        seed: params.seed,
-        max_tokens,
-        stop_tokens: Default::default(),
-        top_logprobs: params.logprobs.unwrap_or(0),
-        keep_distribution: false,
-        cancel: cancel.clone(),
-    };
-    let events = run_choices(engine.clone(), request, params.stop.clone()).map_err(|e| {
-        error!(cause = %e, "generation failed to start");
-        ApiError::internal()
-    })?;
     let job = Job {
         state,
         endpoint,
@@ -346,9 +301,43 @@ async fn generate(
         created: unix_now(),
         tracker: Tracker::default(),
         _permit: permit,
-        _cancel: cancel.drop_guard(),
+        _cancel: cancel.clone().drop_guard(),
         span: Span::current(),
         logged: AtomicBool::new(false),
+    };
+    let params = &job.params;
+    if let Some(strategy) = strategy {
+        let input = decoding::Input {
+            messages,
+            prompt,
+            sampling: params.sampling.clone(),
+            temperature_set: params.temperature_set,
+            seed: params.seed,
+            max_tokens,
+            stops: params.stop.clone(),
+            cancel,
+        };
+        return Ok(job.run_strategy(strategy, input).await);
+    }
+    let request = GenerateRequest {
+        prompt,
+        n: params.n,
+        sampling: params.sampling.clone(),
+        seed: params.seed,
+        max_tokens,
+        stop_tokens: Default::default(),
+        top_logprobs: params.logprobs.unwrap_or(0),
+        keep_distribution: false,
+        cancel,
+    };
+    let events = match run_choices(job.engine.clone(), request, params.stop.clone()) {
+        Ok(events) => events,
+        Err(e) => {
+            error!(cause = %e, "generation failed to start");
+            // The middleware logs the error response.
+            job.logged.store(true, Ordering::Relaxed);
+            return Err(ApiError::internal());
+        }
     };
     if job.params.stream {
         Ok(job.stream(events))
