@@ -9,11 +9,11 @@ reference answers. Usage: answer_agreement.py A.gguf B.gguf [N]
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from mull_server import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = Path(os.environ.get("GSM8K_DEV", ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"))
@@ -25,25 +25,8 @@ def last_number(text):
 
 
 def answers(model, questions):
-    server = subprocess.Popen(
-        [str(ROOT / "target/release/mull"), "serve", "--port", "0", "--model-path", model],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server, url = start_server(model)
     try:
-        url = None
-        while url is None:
-            line = server.stderr.readline()
-            if not line:
-                raise RuntimeError("server exited")
-            found = re.search(r"listening on (http://\S+)", line)
-            url = found.group(1) if found else None
-        while True:
-            try:
-                urllib.request.urlopen(url + "/ready")
-                break
-            except OSError:
-                time.sleep(0.2)
         texts = []
         for i, question in enumerate(questions):
             body = json.dumps({

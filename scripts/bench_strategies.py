@@ -13,11 +13,12 @@ Usage: bench_strategies.py MODEL.gguf LABEL [N] [MAX_TOKENS]
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from mull_server import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = Path(os.environ.get("GSM8K_DEV", ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"))
@@ -41,28 +42,6 @@ def number(text):
         return None
     value = found[-1].replace(",", "").rstrip(".")
     return value[:-2] if value.endswith(".0") else value
-
-
-def start(model):
-    server = subprocess.Popen(
-        [str(ROOT / "target/release/mull"), "serve", "--port", "0", "--model-path", model,
-         "--request-timeout-secs", "3600"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = None
-    while url is None:
-        line = server.stderr.readline()
-        if not line:
-            raise RuntimeError("server exited")
-        found = re.search(r"listening on (http://\S+)", line)
-        url = found.group(1) if found else None
-    while True:
-        try:
-            urllib.request.urlopen(url + "/ready")
-            return server, url
-        except OSError:
-            time.sleep(0.5)
 
 
 def ask(url, question, config, max_tokens):
@@ -93,7 +72,7 @@ def main():
     max_tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 160
     rows = [json.loads(line) for line in DEV.open()][:count]
     results = {name: {"correct": 0, "tokens": 0, "seconds": 0.0} for name in CONFIGS}
-    server, url = start(model)
+    server, url = start_server(model, "--request-timeout-secs", "3600")
     try:
         for i, row in enumerate(rows):
             gold = row["answer"].split("####")[-1].strip().replace(",", "")

@@ -457,7 +457,8 @@ impl ServeArgs {
     }
 }
 
-/// A strategy's validation error as a configuration error naming the key.
+/// Turns a strategy's validation error into a configuration error naming
+/// the key.
 fn config_error(error: crate::api::ApiError) -> String {
     let param = error.param.unwrap_or_default();
     if error.message.contains(&param) {
@@ -467,7 +468,8 @@ fn config_error(error: crate::api::ApiError) -> String {
     }
 }
 
-/// Whether a `decoding` object uses the handbook, at the top or inside.
+/// Returns whether a `decoding` object uses the handbook, at the top or
+/// inside.
 fn uses_handbook(value: &serde_json::Value) -> bool {
     value["strategy"] == crate::decoding::handbook::NAME
         || value.get("inner").is_some_and(uses_handbook)

@@ -59,7 +59,7 @@ pub struct TextDecoder {
     tokens: usize,
 }
 
-/// What a decoder made of one step.
+/// Result of decoding one step.
 #[derive(Debug, Default, PartialEq)]
 pub struct Decoded {
     pub text: String,

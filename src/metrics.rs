@@ -207,7 +207,7 @@ impl Metrics {
         }
     }
 
-    /// The registry in Prometheus text format.
+    /// Renders the registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new()

@@ -85,7 +85,7 @@ async fn load_model(config: &ModelConfig) -> anyhow::Result<Arc<dyn Engine>> {
     Ok(Arc::new(engine))
 }
 
-/// Generates one token, so that readiness means the model really answers.
+/// Generates one token, so that readiness means the model really generates.
 async fn warm_up(slot: &ModelSlot, engine: &dyn Engine) {
     let prompt = match engine.tokenize("Hello").await {
         Ok(tokens) => tokens,

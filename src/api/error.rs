@@ -7,7 +7,7 @@ use axum::{
 };
 use serde::Serialize;
 
-/// An error a client sees, with the status it is sent with.
+/// An error returned to a client, with its HTTP status.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
@@ -48,14 +48,14 @@ impl ApiError {
         }
     }
 
-    /// A 400 about one request field.
+    /// Creates a 400 about one request field.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
         let mut error = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
         error.param = Some(param.into());
         error
     }
 
-    /// A 400 about the request as a whole.
+    /// Creates a 400 about the request as a whole.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
@@ -155,7 +155,7 @@ impl ApiError {
         }
     }
 
-    /// The envelope as JSON, for SSE error events.
+    /// Serializes the envelope as JSON, for SSE error events.
     pub fn to_json(&self) -> String {
         serde_json::to_string(&Envelope { error: self.body() })
             .expect("the error envelope always serializes")

@@ -32,7 +32,7 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
-    /// What a decoding strategy applied and found; absent without one.
+    /// Report of the decoding strategy, absent when none ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decoding: Option<serde_json::Value>,
 }
@@ -176,7 +176,7 @@ impl TextLogprobs {
         for step in steps {
             let token = text(step.token);
             self.text_offset.push(offset);
-            // Offsets count UTF-8 bytes of the text; a token that holds part
+            // Offsets count UTF-8 bytes of the text; a token that contains part
             // of a character spells it as U+FFFD, so its string length would
             // drift from the text.
             offset += engine.token_bytes(step.token).len();

@@ -29,7 +29,7 @@ pub struct Behavior {
 
 /// Source of behaviors for the handbook strategy.
 pub trait BehaviorSource: Send + Sync {
-    /// The at most `k` behaviors most relevant to `query`, best first.
+    /// Returns at most `k` behaviors most relevant to `query`, best first.
     fn retrieve(&self, query: &str, k: usize) -> Vec<Behavior>;
 }
 
@@ -154,7 +154,7 @@ pub fn parse(params: Params) -> Result<Arc<dyn Strategy>, ApiError> {
     }))
 }
 
-/// The system prompt text that introduces retrieved behaviors.
+/// Formats the system prompt text that introduces retrieved behaviors.
 pub fn behaviors_prompt(behaviors: &[Behavior]) -> String {
     let mut text = String::from("Behaviors that help with problems like this one:\n");
     for b in behaviors {

@@ -127,13 +127,14 @@ pub enum DecodeError {
 pub trait Strategy: Debug + Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Whether the strategy works on chat messages rather than a bare
-    /// prompt, so that `/v1/completions` rejects it.
+    /// Returns whether the strategy works on chat messages rather than a
+    /// bare prompt, so that `/v1/completions` rejects it.
     fn needs_chat(&self) -> bool {
         false
     }
 
-    /// The parameters as applied, for the response's `decoding` object.
+    /// Returns the parameters as applied, for the response's `decoding`
+    /// object.
     fn params(&self) -> Value;
 
     async fn decode(&self, ctx: &Context, input: Input) -> Result<Output, DecodeError>;
@@ -288,7 +289,8 @@ impl Params<'_> {
     }
 }
 
-/// A strategy as a `decoding` object that parses back to the same strategy.
+/// Describes a strategy as a `decoding` object that parses back to the
+/// same strategy.
 pub fn describe(strategy: &dyn Strategy) -> Value {
     let mut object = match strategy.params() {
         Value::Object(object) => object,
@@ -298,7 +300,7 @@ pub fn describe(strategy: &dyn Strategy) -> Value {
     Value::Object(object)
 }
 
-/// The `decoding` object of a response.
+/// Builds the `decoding` object of a response.
 pub fn report(strategy: &dyn Strategy, output: &Output) -> Value {
     let mut object = Map::new();
     object.insert("strategy".into(), strategy.name().into());
@@ -396,7 +398,8 @@ pub(crate) mod tests_support {
     use super::*;
     use crate::engine::scripted::{step, text_steps, ScriptedEngine, SCRIPTED_EOS};
 
-    /// An engine whose every continuation spells `reply(prompt, index)`.
+    /// Creates an engine whose every continuation spells
+    /// `reply(prompt, index)`.
     pub fn scripted(
         reply: impl Fn(&str, usize) -> String + Send + Sync + 'static,
     ) -> Arc<dyn Engine> {
@@ -425,7 +428,7 @@ pub(crate) mod tests_support {
         context_with(engine, Arc::new(handbook::StaticHandbook::default()))
     }
 
-    /// A chat input asking `question`, tokenized the scripted way.
+    /// Creates a chat input asking `question`, tokenized the scripted way.
     pub fn input(question: &str) -> Input {
         let text = format!("<user>{question}\n<assistant>");
         Input {

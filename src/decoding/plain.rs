@@ -34,6 +34,16 @@ pub struct Path {
 }
 
 impl Path {
+    /// Creates an empty path, to be filled as its steps arrive.
+    pub fn empty() -> Self {
+        Self {
+            text: String::new(),
+            steps: Vec::new(),
+            finish: ApiFinishReason::Stop,
+            tokens: 0,
+        }
+    }
+
     /// Mean natural log-probability of the path's tokens under the
     /// distribution they were sampled from.
     pub fn mean_logprob(&self) -> f32 {
@@ -65,14 +75,7 @@ pub async fn sample(
         cancel: input.cancel.clone(),
     };
     let mut events = run_choices(ctx.engine.clone(), request, input.stops.clone())?;
-    let mut paths: Vec<Path> = (0..n)
-        .map(|_| Path {
-            text: String::new(),
-            steps: Vec::new(),
-            finish: ApiFinishReason::Stop,
-            tokens: 0,
-        })
-        .collect();
+    let mut paths: Vec<Path> = (0..n).map(|_| Path::empty()).collect();
     let stream = ctx.stream.as_ref().filter(|_| n == 1);
     while let Some(event) = events.next().await {
         match event {

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     api::ApiError,
     engine::{detokenize, ChatTurn, GenerateRequest, SamplingParams},
-    generation::{run_choices, ApiFinishReason, ChoiceEvent},
+    generation::{run_choices, ChoiceEvent},
 };
 
 pub const NAME: &str = "self_consistency";
@@ -35,7 +35,7 @@ const DEFAULT_TEMPERATURE: f32 = 0.7;
 pub struct SelfConsistency {
     pub samples: usize,
     pub early_stop: bool,
-    /// How each sample is decoded; plain sampling when `None`.
+    /// Strategy each sample is decoded with, or plain sampling when `None`.
     pub inner: Option<Arc<dyn super::Strategy>>,
 }
 
@@ -69,7 +69,7 @@ impl Tally {
         }
     }
 
-    /// Whether the leader keeps the lead however the `remaining` samples
+    /// Returns whether the leader keeps the lead however the `remaining` samples
     /// vote. A tie could still be broken either way, so the lead must be
     /// strict.
     pub fn decided(&self, remaining: usize) -> bool {
@@ -83,7 +83,7 @@ impl Tally {
     }
 }
 
-/// The winning answer: most votes, then the higher mean token
+/// Picks the winning answer: most votes, then the higher mean token
 /// log-probability over its paths. Returns the index of its best path.
 fn choose(samples: &[Sample]) -> Option<usize> {
     let mut groups: HashMap<&Answer, Vec<&Sample>> = HashMap::new();
@@ -114,7 +114,7 @@ fn choose(samples: &[Sample]) -> Option<usize> {
         .map(|s| s.index)
 }
 
-/// Whether the vote cannot decide: most samples have no answer, or all
+/// Returns whether the vote cannot decide: most samples have no answer, or all
 /// answers are free text with no two alike.
 fn needs_fallback(samples: &[Sample]) -> bool {
     let missing = samples.iter().filter(|s| s.answer.is_none()).count();
@@ -158,14 +158,7 @@ impl SelfConsistency {
             cancel: input.cancel.child_token(),
         };
         let mut events = run_choices(ctx.engine.clone(), request, input.stops.clone())?;
-        let mut paths: Vec<Path> = (0..self.samples)
-            .map(|_| Path {
-                text: String::new(),
-                steps: Vec::new(),
-                finish: ApiFinishReason::Stop,
-                tokens: 0,
-            })
-            .collect();
+        let mut paths: Vec<Path> = (0..self.samples).map(|_| Path::empty()).collect();
         let mut finished = Vec::new();
         let mut tally = Tally::default();
         while let Some(event) = events.next().await {
@@ -429,6 +422,7 @@ impl Strategy for SelfConsistency {
 mod tests {
     use super::*;
     use crate::decoding::tests_support::{context, input, scripted};
+    use crate::generation::ApiFinishReason;
 
     fn texts_engine(texts: &'static [&'static str]) -> Context {
         context(scripted(move |_, index| {

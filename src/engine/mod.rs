@@ -158,8 +158,8 @@ pub trait Engine: Send + Sync {
     /// model expects one.
     async fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError>;
 
-    /// The bytes a token stands for in generated text; empty for control
-    /// tokens.
+    /// Returns the bytes a token stands for in generated text, which are
+    /// empty for control tokens.
     fn token_bytes(&self, token: u32) -> &[u8];
 
     fn generate(&self, request: GenerateRequest) -> Result<Vec<Continuation>, EngineError>;

@@ -44,7 +44,8 @@ impl ScriptedEngine {
         }
     }
 
-    /// An engine whose every continuation spells `text` and then ends.
+    /// Creates an engine whose every continuation spells `text` and then
+    /// ends.
     pub fn echoing(text: &str) -> Self {
         let steps = text_steps(text, -0.5, 0.7);
         Self::new(
