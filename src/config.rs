@@ -43,6 +43,8 @@ pub struct ModelEntry {
     pub path: PathBuf,
     pub dtype: Option<String>,
     pub device: Option<String>,
+    pub engine: Option<String>,
+    pub threads: Option<usize>,
     pub max_batch_size: Option<usize>,
     /// Decoding used when a request names none: a preset name or a
     /// `decoding` table.
@@ -83,9 +85,21 @@ pub struct ServeArgs {
     /// Device: cpu or cuda (needs a build with the `cuda` feature) [default: cpu].
     #[arg(long, env = "MULL_DEVICE")]
     pub device: Option<String>,
-    /// Sequences the engine decodes in one batch [default: 1]. On CPU a larger
-    /// batch is no faster with mistral.rs 0.8.1 and changes the logits
-    /// slightly, so seeded outputs would depend on concurrent traffic.
+    /// Engine: llama (llama.cpp, the faster one on CPU) or mistralrs (needed
+    /// for cuda) [default: llama on cpu, mistralrs on cuda].
+    #[arg(long, env = "MULL_ENGINE")]
+    pub engine: Option<String>,
+    /// CPU threads of the llama engine [default: the number of cores].
+    #[arg(long, env = "MULL_THREADS")]
+    pub threads: Option<usize>,
+    /// Tokens per sequence, prompt and output, that the llama engine keeps
+    /// KV cache for, in every batch slot [default: 4096, at most the
+    /// model's trained context].
+    #[arg(long, env = "MULL_CONTEXT_LENGTH")]
+    pub context_length: Option<usize>,
+    /// Sequences the engine decodes together [default: 16 for llama, 1 for
+    /// mistralrs]. On CPU, mistral.rs 0.8.1 garbles sequences of equal
+    /// length decoded in one batch, so it runs them one at a time.
     #[arg(long, env = "MULL_MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
     /// Requests generating at once [default: 4].
@@ -142,6 +156,24 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// llama.cpp through `llama-cpp-2`: continuous batching and a shared
+    /// prefix cache, CPU only in this build.
+    Llama,
+    /// mistral.rs: CPU or CUDA.
+    Mistralrs,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistralrs => "mistralrs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
     Cpu,
     Cuda,
@@ -153,6 +185,9 @@ pub struct ModelConfig {
     pub path: PathBuf,
     pub dtype: String,
     pub device: DeviceKind,
+    pub engine: EngineKind,
+    pub threads: usize,
+    pub context_length: usize,
     pub max_batch_size: usize,
     /// The `decoding` object applied when a request has none.
     pub default_strategy: Option<serde_json::Value>,
@@ -225,6 +260,9 @@ impl ServeArgs {
             default_format,
             dtype,
             device,
+            engine,
+            threads,
+            context_length,
             max_batch_size,
             max_concurrent_requests,
             max_queued_requests,
@@ -259,7 +297,9 @@ impl ServeArgs {
 
         let default_dtype = self.dtype.unwrap_or_else(|| "f32".into());
         let default_device = self.device.unwrap_or_else(|| "cpu".into());
-        let default_batch = self.max_batch_size.unwrap_or(1);
+        let default_engine = self.engine.clone();
+        let default_threads = self.threads;
+        let default_batch = self.max_batch_size;
         let entries = match (self.model_path, self.models) {
             (Some(path), _) => vec![ModelEntry {
                 name: self
@@ -269,6 +309,8 @@ impl ServeArgs {
                 path,
                 dtype: None,
                 device: None,
+                engine: None,
+                threads: None,
                 max_batch_size: None,
                 default_strategy: None,
             }],
@@ -290,6 +332,8 @@ impl ServeArgs {
                 path: dir.join(format.file_name()),
                 dtype: None,
                 device: None,
+                engine: None,
+                threads: None,
                 max_batch_size: None,
                 default_strategy: None,
             }]
@@ -369,7 +413,43 @@ impl ServeArgs {
                 }
                 None => None,
             };
-            let max_batch_size = entry.max_batch_size.unwrap_or(default_batch);
+            let engine = match entry.engine.as_deref().or(default_engine.as_deref()) {
+                Some("llama") => EngineKind::Llama,
+                Some("mistralrs") => EngineKind::Mistralrs,
+                None if device == DeviceKind::Cuda => EngineKind::Mistralrs,
+                None => EngineKind::Llama,
+                Some(other) => {
+                    errors.push(format!(
+                        "{}: `{other}` is not llama or mistralrs",
+                        field("engine")
+                    ));
+                    EngineKind::Llama
+                }
+            };
+            if engine == EngineKind::Llama && device == DeviceKind::Cuda {
+                errors.push(format!(
+                    "{}: the llama engine runs on cpu in this build; use mistralrs for cuda",
+                    field("engine")
+                ));
+            }
+            let threads = entry
+                .threads
+                .or(default_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            if threads == 0 {
+                errors.push(format!("{}: must be at least 1", field("threads")));
+            }
+            let context_length = self.context_length.unwrap_or(4096);
+            if context_length < 256 {
+                errors.push("context_length: must be at least 256".to_string());
+            }
+            let max_batch_size = entry
+                .max_batch_size
+                .or(default_batch)
+                .unwrap_or(match engine {
+                    EngineKind::Llama => 16,
+                    EngineKind::Mistralrs => 1,
+                });
             if max_batch_size == 0 {
                 errors.push(format!("{}: must be at least 1", field("max_batch_size")));
             }
@@ -378,6 +458,9 @@ impl ServeArgs {
                 path: entry.path,
                 dtype,
                 device,
+                engine,
+                threads,
+                context_length,
                 max_batch_size,
                 default_strategy,
                 fetch_default,

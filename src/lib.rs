@@ -12,6 +12,7 @@
 //! - [`speed`]: in-process prefill and decode speed measurement.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod decoding;
 pub mod engine;

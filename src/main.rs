@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 use candle_core::quantized::GgmlDType;
 use mull::{
+    bench::BenchArgs,
     config::{LogFormat, ServeArgs},
     fetch,
     speed::SpeedArgs,
@@ -45,6 +46,8 @@ enum Command {
     },
     /// Measure prefill and decode speed of a model in-process; prints JSON.
     Speed(SpeedArgs),
+    /// Load an OpenAI-compatible server at several concurrencies; prints JSON.
+    Bench(BenchArgs),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -81,6 +84,18 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let report = runtime.block_on(mull::speed::run(args))?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let output = args.output.clone();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let report = runtime.block_on(mull::bench::run(args))?;
+            let json = serde_json::to_string_pretty(&report)?;
+            if let Some(path) = output {
+                std::fs::write(&path, &json)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("{json}");
             Ok(())
         }
         Command::Serve(args) => {

@@ -8,8 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, DeviceKind, ModelConfig},
+    config::{Config, DeviceKind, EngineKind, ModelConfig},
     engine::{
+        llama::{LlamaConfig, LlamaEngine},
         mistral::{MistralConfig, MistralEngine},
         Engine, GenerateRequest, SamplingParams, StepEvent,
     },
@@ -73,16 +74,34 @@ async fn load_model(config: &ModelConfig) -> anyhow::Result<Arc<dyn Engine>> {
             .to_path_buf();
         tokio::task::spawn_blocking(move || fetch::ensure_default_model(&dir, format)).await??;
     }
-    info!(model = %config.name, path = %config.path.display(), dtype = %config.dtype, "loading model");
-    let engine = MistralEngine::load(MistralConfig {
-        path: config.path.clone(),
-        dtype: config.dtype.clone(),
-        cuda: config.device == DeviceKind::Cuda,
-        max_batch_size: config.max_batch_size,
-        prefix_cache_entries: PREFIX_CACHE_ENTRIES,
-    })
-    .await?;
-    Ok(Arc::new(engine))
+    info!(
+        model = %config.name,
+        path = %config.path.display(),
+        engine = config.engine.name(),
+        "loading model"
+    );
+    let engine: Arc<dyn Engine> = match config.engine {
+        EngineKind::Llama => Arc::new(
+            LlamaEngine::load(LlamaConfig {
+                threads: config.threads,
+                slots: config.max_batch_size,
+                slot_tokens: config.context_length,
+                ..LlamaConfig::cpu(config.path.clone())
+            })
+            .await?,
+        ),
+        EngineKind::Mistralrs => Arc::new(
+            MistralEngine::load(MistralConfig {
+                path: config.path.clone(),
+                dtype: config.dtype.clone(),
+                cuda: config.device == DeviceKind::Cuda,
+                max_batch_size: config.max_batch_size,
+                prefix_cache_entries: PREFIX_CACHE_ENTRIES,
+            })
+            .await?,
+        ),
+    };
+    Ok(engine)
 }
 
 /// Generates one token, so that readiness means the model really generates.

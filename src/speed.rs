@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{
+    llama::{LlamaConfig, LlamaEngine},
     mistral::{MistralConfig, MistralEngine},
     Engine, GenerateRequest, SamplingParams, StepEvent,
 };
@@ -23,7 +24,13 @@ pub struct SpeedArgs {
     /// GGUF file to measure.
     #[arg(long)]
     pub model_path: PathBuf,
-    /// Activation dtype: f32, bf16, f16 or auto.
+    /// Engine: llama or mistralrs.
+    #[arg(long, default_value = "llama")]
+    pub engine: String,
+    /// CPU threads (llama engine).
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(2, |n| n.get()))]
+    pub threads: usize,
+    /// Activation dtype of the mistralrs engine: f32, bf16, f16 or auto.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Prompt length for the prefill measurement, in tokens.
@@ -98,16 +105,27 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 pub async fn run(args: SpeedArgs) -> anyhow::Result<SpeedReport> {
-    let engine: Arc<dyn Engine> = Arc::new(
-        MistralEngine::load(MistralConfig {
-            path: args.model_path.clone(),
-            dtype: args.dtype.clone(),
-            cuda: false,
-            max_batch_size: 1,
-            prefix_cache_entries: 0,
-        })
-        .await?,
-    );
+    let engine: Arc<dyn Engine> = match args.engine.as_str() {
+        "llama" => Arc::new(
+            LlamaEngine::load(LlamaConfig {
+                threads: args.threads,
+                slots: 1,
+                ..LlamaConfig::cpu(args.model_path.clone())
+            })
+            .await?,
+        ),
+        "mistralrs" => Arc::new(
+            MistralEngine::load(MistralConfig {
+                path: args.model_path.clone(),
+                dtype: args.dtype.clone(),
+                cuda: false,
+                max_batch_size: 1,
+                prefix_cache_entries: 0,
+            })
+            .await?,
+        ),
+        other => anyhow::bail!("--engine must be llama or mistralrs, got `{other}`"),
+    };
     let filler = engine
         .tokenize(&FILLER.repeat(1 + args.prompt_tokens / 40))
         .await?;

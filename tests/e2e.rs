@@ -400,8 +400,9 @@ async fn bad_requests_get_error_envelopes() {
     let (_, response) = post(&url, chat_body("x", json!({"max_tokens": 100000}))).await;
     assert_eq!(response["error"]["code"], "context_length_exceeded");
     let message = response["error"]["message"].as_str().unwrap();
+    let limit = common::engine().info().context_length.to_string();
     assert!(
-        message.contains("8192") && message.contains("100"),
+        message.contains(&limit) && message.contains("100"),
         "{message}"
     );
 }

@@ -304,6 +304,8 @@ async fn plain_opts_out_of_default_strategy() {
             path: common::model_path(),
             dtype: None,
             device: None,
+            engine: None,
+            threads: None,
             max_batch_size: None,
             default_strategy: Some(json!({"strategy": "self_consistency", "samples": 2})),
         }]);

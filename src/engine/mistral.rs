@@ -125,14 +125,7 @@ impl MistralEngine {
             .flatten()
             .or(vocab.context_length)
             .unwrap_or(2048);
-        let mut eos_tokens: HashSet<u32> = vocab.eos_token.into_iter().collect();
-        // Chat templates close a turn with their own marker, which the model
-        // emits instead of the GGUF end-of-sequence token.
-        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
-            if let Some(&id) = vocab.by_text.get(marker) {
-                eos_tokens.insert(id);
-            }
-        }
+        let eos_tokens = vocab.end_tokens();
         let info = ModelInfo {
             context_length,
             eos_tokens,

@@ -7,9 +7,11 @@
 //! distribution it was drawn from, so that decoding strategies can branch,
 //! vote or score without touching the backend.
 
+pub mod llama;
 pub mod mistral;
 pub mod sampler;
 pub mod scripted;
+pub mod template;
 pub mod vocab;
 
 use std::{collections::HashSet, sync::Arc};

@@ -3,7 +3,8 @@
 //! Decoding never needs the merge rules, only what each token id spells, so
 //! the server detokenizes every step locally instead of asking the engine.
 
-use std::{collections::HashMap, fs::File, io::BufReader, path::Path};
+use std::{
+    collections::{HashMap, HashSet}, fs::File, io::BufReader, path::Path};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
@@ -17,6 +18,9 @@ pub struct GgufVocab {
     /// Bytes of each token, indexed by token id.
     pub token_bytes: Vec<Vec<u8>>,
     pub eos_token: Option<u32>,
+    pub bos_token: Option<u32>,
+    /// The Jinja chat template, where the file carries one.
+    pub chat_template: Option<String>,
     /// Tokens that decode to exactly one string, for looking up tokens such
     /// as the chat template's end-of-turn marker.
     pub by_text: HashMap<String, u32>,
@@ -75,10 +79,38 @@ impl GgufVocab {
         Ok(Self {
             token_bytes,
             eos_token: get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
+            bos_token: get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+            chat_template: get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
             by_text,
             context_length,
             control_tokens,
         })
+    }
+}
+
+impl GgufVocab {
+    /// Tokens that end a sequence: the GGUF end-of-sequence token and the
+    /// end-of-turn markers of common chat templates, which models emit
+    /// instead of it.
+    pub fn end_tokens(&self) -> HashSet<u32> {
+        let mut tokens: HashSet<u32> = self.eos_token.into_iter().collect();
+        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+            if let Some(&id) = self.by_text.get(marker) {
+                tokens.insert(id);
+            }
+        }
+        tokens
+    }
+
+    /// The text of a token as the vocabulary spells it, control tokens
+    /// included.
+    pub fn token_text(&self, token: Option<u32>) -> String {
+        token
+            .and_then(|t| self.by_text.iter().find(|(_, &id)| id == t))
+            .map(|(text, _)| text.clone())
+            .unwrap_or_default()
     }
 }
 

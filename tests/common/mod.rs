@@ -13,6 +13,7 @@ use std::{
 use mull::{
     config::{Config, ServeArgs},
     engine::{
+        llama::{LlamaConfig, LlamaEngine},
         mistral::{MistralConfig, MistralEngine},
         Engine,
     },
@@ -59,19 +60,31 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
+/// The engine under test: `MULL_TEST_ENGINE` names it (llama, the default,
+/// or mistralrs), so that the same tests run on both.
+pub fn engine_kind() -> String {
+    std::env::var("MULL_TEST_ENGINE").unwrap_or_else(|_| "llama".into())
+}
+
 pub fn engine() -> Arc<dyn Engine> {
     static ENGINE: OnceLock<Arc<dyn Engine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| {
-            let config = MistralConfig {
-                path: model_path(),
-                dtype: "f32".into(),
-                cuda: false,
-                max_batch_size: 1,
-                prefix_cache_entries: 16,
-            };
-            let engine = block(MistralEngine::load(config)).expect("the default model loads");
-            Arc::new(engine)
+        .get_or_init(|| match engine_kind().as_str() {
+            "mistralrs" => {
+                let config = MistralConfig {
+                    path: model_path(),
+                    dtype: "f32".into(),
+                    cuda: false,
+                    max_batch_size: 1,
+                    prefix_cache_entries: 16,
+                };
+                Arc::new(block(MistralEngine::load(config)).expect("the default model loads"))
+            }
+            "llama" => {
+                let config = LlamaConfig::cpu(model_path());
+                Arc::new(block(LlamaEngine::load(config)).expect("the default model loads"))
+            }
+            other => panic!("MULL_TEST_ENGINE is `{other}`, not llama or mistralrs"),
         })
         .clone()
 }
@@ -84,6 +97,7 @@ pub fn config(adjust: impl FnOnce(&mut ServeArgs)) -> Config {
         port: Some(0),
         model_path: Some(model_path()),
         model_name: Some(MODEL.into()),
+        engine: Some(engine_kind()),
         ..ServeArgs::default()
     };
     adjust(&mut args);

@@ -1,0 +1,176 @@
+"""Serving speed of mull side by side with llama.cpp's llama-server.
+
+Starts mull on each engine and llama-server on the same GGUF file with the
+same thread count, then runs `mull bench` against them in turn, A B C A B C,
+for several rounds, so that machine noise hits every server alike. Writes
+the serving section of BENCHMARKS.md (medians over rounds and ratios to
+llama-server) and the raw results to target/bench-serving.json.
+
+    python3 scripts/bench_serving.py LLAMA_SERVER MODEL ROUNDS THREADS MAX_TOKENS
+"""
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mull_server import ROOT, start_server  # noqa: E402
+
+BEGIN = "<!-- serving:begin -->"
+END = "<!-- serving:end -->"
+CONCURRENCY = [1, 4, 16]
+SLOTS = max(CONCURRENCY)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(binary, model, threads):
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+         "-t", str(threads), "-tb", str(threads), "-np", str(SLOTS),
+         "-c", str(2048 * SLOTS), "--no-webui"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"llama-server exited with status {server.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health")
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("llama-server did not become healthy in 300 s")
+
+
+def bench(url, model_id, label, max_tokens, requests):
+    """One `mull bench` run over every concurrency level."""
+    out = subprocess.run(
+        [str(ROOT / "target/release/mull"), "bench", "--url", url, "--model", model_id,
+         "--concurrency", ",".join(map(str, CONCURRENCY)), "--requests", str(requests),
+         "--max-tokens", str(max_tokens), "--label", label],
+        check=True, stdout=subprocess.PIPE, text=True,
+    )
+    return json.loads(out.stdout)
+
+
+def in_process_decode(model, engine, threads, max_tokens):
+    """Single-stream decode speed of an engine without HTTP (`mull speed`)."""
+    out = subprocess.run(
+        [str(ROOT / "target/release/mull"), "speed", "--model-path", str(model),
+         "--engine", engine, "--threads", str(threads), "--decode-tokens", str(max_tokens),
+         "--repeat", "3", "--label", engine],
+        check=True, stdout=subprocess.PIPE, text=True,
+    )
+    return json.loads(out.stdout)
+
+
+def main():
+    llama_server, model, rounds, threads, max_tokens = sys.argv[1:6]
+    rounds, threads, max_tokens = int(rounds), int(threads), int(max_tokens)
+    model = Path(model).resolve()
+    # Each level gets twice its concurrency in requests, at least 8.
+    requests = 2 * SLOTS
+
+    servers = {}
+    try:
+        servers["llama-server"] = start_llama_server(llama_server, model, threads)
+        common = ["--threads", str(threads), "--max-concurrent-requests", str(SLOTS),
+                  "--max-queued-requests", str(4 * SLOTS)]
+        servers["mull (llama)"] = start_server(model, "--engine", "llama", *common)
+        servers["mull (mistralrs)"] = start_server(model, "--engine", "mistralrs", *common)
+        results = {name: [] for name in servers}
+        for round_ in range(1, rounds + 1):
+            for name, (_, url) in servers.items():
+                print(f"bench-serving: round {round_} of {rounds}: {name}", file=sys.stderr)
+                model_id = "smollm2-135m" if name.startswith("mull") else "default"
+                results[name].append(bench(url, model_id, name, max_tokens, requests))
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait()
+
+    in_process = {}
+    for engine in ["llama", "mistralrs"]:
+        print(f"bench-serving: in-process decode, {engine}", file=sys.stderr)
+        in_process[engine] = in_process_decode(model, engine, threads, max_tokens)
+
+    raw = {"results": results, "in_process": in_process}
+    (ROOT / "target/bench-serving.json").write_text(json.dumps(raw, indent=1))
+    write_markdown(results, in_process, model, rounds, threads, max_tokens, requests)
+
+
+def median_level(runs, concurrency, key):
+    values = []
+    for run in runs:
+        for level in run["levels"]:
+            if level["concurrency"] == concurrency:
+                value = level[key]
+                values.append(value["p50"] if isinstance(value, dict) else value)
+    return statistics.median(values)
+
+
+def write_markdown(results, in_process, model, rounds, threads, max_tokens, requests):
+    peer = "llama-server"
+    lines = [
+        BEGIN,
+        "## Serving speed against llama.cpp's llama-server",
+        "",
+        f"`scripts/bench-serving`, {time.strftime('%Y-%m-%d')}: `{model.name}`, {threads} threads, "
+        f"greedy, max_tokens {max_tokens}, {requests} streamed chat requests per level, "
+        f"{rounds} rounds alternating the servers, medians over rounds "
+        f"({platform.machine()}, {platform.system()}). llama-server {SLOTS} slots, built by "
+        "`scripts/build-llama-server`. Ratios are against llama-server in the same run.",
+        "",
+        "| server | concurrency | output tok/s | ratio | req/s | TTFT p50 ms | TPOT p50 ms | ITL p99 ms | E2E p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        for c in CONCURRENCY:
+            tps = median_level(runs, c, "output_tokens_per_s")
+            ratio = tps / median_level(results[peer], c, "output_tokens_per_s")
+            itl99 = statistics.median(
+                level["itl_ms"]["p99"] for run in runs for level in run["levels"]
+                if level["concurrency"] == c
+            )
+            lines.append(
+                f"| {name} | {c} | {tps:.1f} | {ratio:.2f}x | "
+                f"{median_level(runs, c, 'requests_per_s'):.2f} | "
+                f"{median_level(runs, c, 'ttft_ms'):.0f} | {median_level(runs, c, 'tpot_ms'):.1f} | "
+                f"{itl99:.1f} | {median_level(runs, c, 'e2e_ms'):.0f} |"
+            )
+    lines += ["", "Server overhead at one stream: decode speed in-process (`mull speed`) against "
+              "the same engine over HTTP (1 / TPOT p50).", "",
+              "| engine | in-process tok/s | over HTTP tok/s | overhead |", "|---|---|---|---|"]
+    for engine, name in [("llama", "mull (llama)"), ("mistralrs", "mull (mistralrs)")]:
+        direct = in_process[engine]["decode_tokens_per_s"]
+        http = 1000.0 / median_level(results[name], 1, "tpot_ms")
+        lines.append(f"| {engine} | {direct:.1f} | {http:.1f} | {100 * (1 - http / direct):.1f}% |")
+    lines += ["", END]
+
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    section = "\n".join(lines)
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
