@@ -56,14 +56,23 @@ def start_llama_server(binary, model, threads):
     raise RuntimeError("llama-server did not become healthy in 300 s")
 
 
-def bench(url, model_id, label, max_tokens, requests):
-    """One `mull bench` run over every concurrency level."""
-    out = subprocess.run(
-        [str(ROOT / "target/release/mull"), "bench", "--url", url, "--model", model_id,
-         "--concurrency", ",".join(map(str, CONCURRENCY)), "--requests", str(requests),
-         "--max-tokens", str(max_tokens), "--label", label],
-        check=True, stdout=subprocess.PIPE, text=True,
-    )
+# Decoding strategies measured under load, as `mull bench --extra` bodies.
+STRATEGIES = {
+    "plain": None,
+    "self_consistency (5 samples)": {"decoding": {"strategy": "self_consistency", "samples": 5}},
+    "cautious": {"temperature": 0.7, "decoding": {"strategy": "cautious"}},
+}
+STRATEGY_CONCURRENCY = [1, 4]
+
+
+def bench(url, model_id, label, max_tokens, requests, concurrency=CONCURRENCY, extra=None):
+    """One `mull bench` run over the given concurrency levels."""
+    command = [str(ROOT / "target/release/mull"), "bench", "--url", url, "--model", model_id,
+               "--concurrency", ",".join(map(str, concurrency)), "--requests", str(requests),
+               "--max-tokens", str(max_tokens), "--label", label]
+    if extra is not None:
+        command += ["--extra", json.dumps(extra)]
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout)
 
 
@@ -98,6 +107,17 @@ def main():
                 print(f"bench-serving: round {round_} of {rounds}: {name}", file=sys.stderr)
                 model_id = "smollm2-135m" if name.startswith("mull") else "default"
                 results[name].append(bench(url, model_id, name, max_tokens, requests))
+        strategies = {}
+        for round_ in range(1, rounds + 1):
+            for name, (_, url) in servers.items():
+                if not name.startswith("mull"):
+                    continue
+                for strategy, extra in STRATEGIES.items():
+                    print(f"bench-serving: strategies, round {round_} of {rounds}: {name}, {strategy}",
+                          file=sys.stderr)
+                    run = bench(url, "smollm2-135m", f"{name} {strategy}", max_tokens // 2,
+                                2 * max(STRATEGY_CONCURRENCY), STRATEGY_CONCURRENCY, extra)
+                    strategies.setdefault((name, strategy), []).append(run)
     finally:
         for process, _ in servers.values():
             process.terminate()
@@ -108,9 +128,10 @@ def main():
         print(f"bench-serving: in-process decode, {engine}", file=sys.stderr)
         in_process[engine] = in_process_decode(model, engine, threads, max_tokens)
 
-    raw = {"results": results, "in_process": in_process}
+    raw = {"results": results, "in_process": in_process,
+           "strategies": [{"server": k[0], "strategy": k[1], "runs": v} for k, v in strategies.items()]}
     (ROOT / "target/bench-serving.json").write_text(json.dumps(raw, indent=1))
-    write_markdown(results, in_process, model, rounds, threads, max_tokens, requests)
+    write_markdown(results, in_process, strategies, model, rounds, threads, max_tokens, requests)
 
 
 def median_level(runs, concurrency, key):
@@ -123,7 +144,7 @@ def median_level(runs, concurrency, key):
     return statistics.median(values)
 
 
-def write_markdown(results, in_process, model, rounds, threads, max_tokens, requests):
+def write_markdown(results, in_process, strategies, model, rounds, threads, max_tokens, requests):
     peer = "llama-server"
     lines = [
         BEGIN,
@@ -159,6 +180,17 @@ def write_markdown(results, in_process, model, rounds, threads, max_tokens, requ
         direct = in_process[engine]["decode_tokens_per_s"]
         http = 1000.0 / median_level(results[name], 1, "tpot_ms")
         lines.append(f"| {engine} | {direct:.1f} | {http:.1f} | {100 * (1 - http / direct):.1f}% |")
+    lines += ["", f"Decoding strategies under load: streamed chat requests, max_tokens {max_tokens // 2}, "
+              f"{2 * max(STRATEGY_CONCURRENCY)} requests per level. Ratios are end-to-end latency "
+              "(p50) against plain decoding on the same server and concurrency.", "",
+              "| server | strategy | concurrency | E2E p50 ms | ratio to plain | output tok/s |",
+              "|---|---|---|---|---|---|"]
+    for (name, strategy), runs in strategies.items():
+        for c in STRATEGY_CONCURRENCY:
+            e2e = median_level(runs, c, "e2e_ms")
+            plain = median_level(strategies[(name, "plain")], c, "e2e_ms")
+            tps = median_level(runs, c, "output_tokens_per_s")
+            lines.append(f"| {name} | {strategy} | {c} | {e2e:.0f} | {e2e / plain:.2f}x | {tps:.1f} |")
     lines += ["", END]
 
     path = ROOT / "BENCHMARKS.md"

@@ -1,6 +1,6 @@
 """Draws the tables of BENCHMARKS.md as PNG charts in docs/.
 
-Reads the CPU speed table and each strategy table back from BENCHMARKS.md,
+Reads the CPU speed, serving and strategy tables back from BENCHMARKS.md,
 so the charts always show the numbers the file states. Needs matplotlib;
 the benchmark scripts install it into .venv-bench.
 """
@@ -69,6 +69,30 @@ def strategy_chart(heading, rows, path):
     fig.savefig(path, dpi=120)
 
 
+def serving_chart(rows, path):
+    """Throughput and time per output token against concurrency, per server."""
+    servers = {}
+    for row in rows[1:]:
+        servers.setdefault(row[0], []).append((number(row[1]), number(row[2]), number(row[6])))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, points in servers.items():
+        concurrency = [p[0] for p in points]
+        left.plot(concurrency, [p[1] for p in points], marker="o", label=name)
+        right.plot(concurrency, [p[2] for p in points], marker="o", label=name)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+        ax.set_xlabel("concurrent requests")
+    left.set_ylabel("output tokens/s")
+    left.set_title("Throughput")
+    right.set_ylabel("ms per output token (p50)")
+    right.set_title("Time per output token")
+    left.legend()
+    fig.suptitle("SmolLM2-135M Q4_1 on 2 CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -76,6 +100,8 @@ def main():
     for heading, rows in tables(text):
         if rows[0][0].startswith("format"):
             cpu_chart(rows, docs / "cpu-speed.png")
+        elif rows[0][0] == "server" and rows[0][1] == "concurrency":
+            serving_chart(rows, docs / "serving.png")
         elif rows[0][0] == "decoding":
             label = heading.split(":")[0].strip()
             strategy_chart(heading, rows, docs / f"strategies-{label}.png")

@@ -102,10 +102,10 @@ pub struct ServeArgs {
     /// length decoded in one batch, so it runs them one at a time.
     #[arg(long, env = "MULL_MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
-    /// Requests generating at once [default: 4].
+    /// Requests generating at once [default: 16].
     #[arg(long, env = "MULL_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
-    /// Requests waiting for a slot before new ones get 429 [default: 16].
+    /// Requests waiting for a slot before new ones get 429 [default: 64].
     #[arg(long, env = "MULL_MAX_QUEUED_REQUESTS")]
     pub max_queued_requests: Option<usize>,
     /// Largest accepted request body, in bytes [default: 1048576].
@@ -475,7 +475,7 @@ impl ServeArgs {
             value
         };
         let max_concurrent_requests =
-            at_least_one("max_concurrent_requests", self.max_concurrent_requests, 4);
+            at_least_one("max_concurrent_requests", self.max_concurrent_requests, 16);
         let max_body_bytes = at_least_one("max_body_bytes", self.max_body_bytes, 1 << 20);
         let max_n = at_least_one("max_n", self.max_n, 16);
         let request_timeout_secs = self.request_timeout_secs.unwrap_or(600);
@@ -525,7 +525,7 @@ impl ServeArgs {
             listen,
             models,
             max_concurrent_requests,
-            max_queued_requests: self.max_queued_requests.unwrap_or(16),
+            max_queued_requests: self.max_queued_requests.unwrap_or(64),
             max_body_bytes,
             max_n,
             request_timeout: Duration::from_secs(request_timeout_secs),
@@ -655,7 +655,7 @@ mod tests {
         let file: ServeArgs = toml::from_str(text).unwrap();
         let config = ServeArgs::default().over(file).validate().unwrap();
         assert_eq!(config.listen.port(), 8080);
-        assert_eq!(config.max_concurrent_requests, 4);
+        assert_eq!(config.max_concurrent_requests, 16);
     }
 
     #[test]
