@@ -8,6 +8,9 @@ BENCHMARKS.md. Configurations alternate per question, so machine noise hits
 them alike. Progress goes to stderr.
 
 Usage: bench_strategies.py MODEL.gguf LABEL [N] [MAX_TOKENS]
+
+The server runs on the default engine (llama) unless MULL_ENGINE names
+another.
 """
 
 import json
@@ -94,7 +97,8 @@ def main():
 def write(label, count, max_tokens, results):
     greedy = results["greedy"]
     lines = [
-        f"### {label}: first {count} GSM8K dev questions, max_tokens {max_tokens}",
+        f"### {label}: first {count} GSM8K dev questions, max_tokens {max_tokens}, "
+        f"{os.environ.get('MULL_ENGINE', 'llama')} engine",
         "",
         f"![engine tokens and wall time as ratios to greedy](docs/strategies-{label}.png)",
         "",

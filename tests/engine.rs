@@ -77,8 +77,8 @@ async fn seeded_output_ignores_concurrent_load() {
 
 #[tokio::test]
 async fn choices_reuse_the_computed_prompt() {
-    // mistral.rs caches a prompt only once its sequence is done, so
-    // choices started together compute it each.
+    // The mistralrs engine counted no cache hits for choices started
+    // together, so only the llama engine is held to this.
     if common::engine_kind() != "llama" {
         return;
     }

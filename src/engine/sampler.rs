@@ -120,9 +120,9 @@ impl Sampler {
     }
 
     /// The distribution a token is drawn from, as `(token, probability)`
-    /// pairs sorted by decreasing probability and summing to 1. Greedy
-    /// requests use temperature 1 here so that entropy and scores stay
-    /// meaningful.
+    /// pairs summing to 1: the tokens above [`SORTED_FLOOR`] sorted by
+    /// decreasing probability, then the rest in token order. Greedy requests
+    /// use temperature 1 here so that entropy and scores stay meaningful.
     fn sampling_distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let temperature = if self.params.is_greedy() {
             1.0
@@ -138,13 +138,33 @@ impl Sampler {
             .collect();
         let total: f32 = probs.iter().map(|(_, p)| p).sum();
         probs.iter_mut().for_each(|(_, p)| *p /= total);
-        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+
+        // Sorting the whole vocabulary each step cost more than a batched
+        // forward pass. Drawing by cumulative mass is exact in any fixed
+        // order, so only the head, where the truncations cut, is sorted.
+        let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let (mut head, mut tail): (Vec<_>, Vec<_>) =
+            probs.into_iter().partition(|(_, p)| *p >= SORTED_FLOOR);
+        head.sort_unstable_by(best_first);
+        let head_mass: f32 = head.iter().map(|(_, p)| p).sum();
+        let cut_in_tail = (self.params.top_k > head.len() && self.params.top_k > 0)
+            || (self.params.top_p < 1.0 && head_mass < self.params.top_p);
+        if cut_in_tail || head.is_empty() {
+            tail.sort_unstable_by(best_first);
+        }
+        head.extend(tail);
+        let mut probs = head;
+
         truncate(&mut probs, &self.params);
         let kept: f32 = probs.iter().map(|(_, p)| p).sum();
         probs.iter_mut().for_each(|(_, p)| *p /= kept);
         probs
     }
 }
+
+/// Probability below which tokens are left unsorted in a sampling
+/// distribution, unless a truncation has to cut among them.
+const SORTED_FLOOR: f32 = 1e-6;
 
 /// Applies top-k, min-p and top-p to probabilities sorted best first. The
 /// most likely token always survives.
