@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -18,8 +19,10 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
 def server_url():
     binary = os.environ.get("MULL_BIN", str(ROOT / "target" / "debug" / "mull"))
     model = os.environ.get("MULL_TEST_MODEL", str(MODEL))
+    traces = tempfile.mkdtemp(prefix="mull-traces-")
     process = subprocess.Popen(
-        [binary, "serve", "--port", "0", "--model-path", model],
+        [binary, "serve", "--port", "0", "--model-path", model,
+         "--traces-path", os.path.join(traces, "traces.db")],
         stderr=subprocess.PIPE,
         text=True,
     )
