@@ -508,6 +508,7 @@ async fn handbook_learns_from_traces() {
     let (status, text) = admin(&server, reqwest::Method::POST, "/admin/extraction", Some(json!({}))).await;
     assert_eq!(status, 200, "{text}");
     let report: Value = serde_json::from_str(&text).unwrap();
+    eprintln!("extraction: {report}");
     assert_eq!(report["examined"], 2, "{report}");
     assert_eq!(report["yielded"], false);
     let (_, behaviors) = admin_json(&server, "/admin/behaviors").await;

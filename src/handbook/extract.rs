@@ -55,14 +55,17 @@ pub fn reflection_messages(trace: &Trace) -> Option<Vec<ChatTurn>> {
     if problem.is_empty() || solution.is_empty() {
         return None;
     }
+    // Small models copy the example lines' shape far more reliably than
+    // they follow a description of it.
     let content = format!(
-        "Here is a problem and a solution that was checked and found correct.\n\n\
-         Problem:\n{problem}\n\n\
-         Solution:\n{solution}\n\n\
-         Reflect on how the solution reached its answer. Then list the reusable \
-         behaviors that would help solve similar problems, one per line, each written \
-         as `name: instruction`, where the name is two to four words in snake_case \
-         and the instruction is one short sentence. Write only the list."
+        "Problem: {problem}\nSolution, checked and found correct: {solution}\n\n\
+         Reflect on how this solution reached its answer. Then list general tips for \
+         solving problems like this, one per line. Start each line with a short \
+         snake_case name, a colon, then one sentence of advice.\n\n\
+         Example tips:\n\
+         check_units: State the unit of the final answer.\n\
+         list_given_numbers: Write down every number the problem gives before computing.\n\n\
+         Tips:"
     );
     Some(vec![ChatTurn {
         role: "user".into(),
@@ -71,10 +74,12 @@ pub fn reflection_messages(trace: &Trace) -> Option<Vec<ChatTurn>> {
     }])
 }
 
-/// Reads `name: instruction` lines from a reply, skipping anything else:
-/// list markers, emphasis and quotes are removed, names are turned into
+/// Reads `name: instruction` lines from a reply, skipping anything else.
+/// List markers, emphasis and quotes are removed, names are turned into
 /// snake_case, and lines whose name or instruction is implausible are
-/// dropped. Returns at most [`MAX_PER_REPLY`] candidates, without repeats.
+/// dropped. A list item without a name gets one made of its first content
+/// words, because small models often leave names out. Returns at most
+/// [`MAX_PER_REPLY`] candidates, without repeats.
 pub fn parse_reply(reply: &str) -> Vec<Candidate> {
     let mut candidates: Vec<Candidate> = Vec::new();
     for line in reply.lines() {
@@ -99,10 +104,19 @@ fn find_duplicate_candidate(candidate: &Candidate, seen: &[Candidate]) -> bool {
 }
 
 fn parse_line(line: &str) -> Option<Candidate> {
-    let line = strip_list_marker(line.trim());
-    let (name, instruction) = line.split_once(':')?;
-    let name = snake_case(name)?;
-    let instruction = clean_instruction(instruction)?;
+    let trimmed = line.trim();
+    let item = strip_list_marker(trimmed);
+    if let Some((name, instruction)) = item.split_once(':') {
+        let name = snake_case(name)?;
+        let instruction = clean_instruction(instruction)?;
+        return Some(Candidate { name, instruction });
+    }
+    if item.len() == trimmed.len() {
+        // Prose that is neither a named line nor a list item.
+        return None;
+    }
+    let instruction = clean_instruction(item)?;
+    let name = name_from(&instruction)?;
     Some(Candidate { name, instruction })
 }
 
@@ -115,6 +129,28 @@ fn strip_list_marker(line: &str) -> &str {
         }
     }
     line
+}
+
+/// Words left out of names made from an instruction.
+const FILLER_WORDS: &[&str] = &[
+    "a", "an", "the", "always", "be", "sure", "to", "your", "you", "that", "it", "is", "of",
+    "and", "or", "for", "make", "remember", "should", "must", "try",
+];
+
+/// Makes a snake_case name of the first four content words of an
+/// instruction, such as `check_answer_before_presenting` for "Always check
+/// your answer before presenting it."
+fn name_from(instruction: &str) -> Option<String> {
+    let lower = instruction.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty() && !FILLER_WORDS.contains(w))
+        .take(4)
+        .collect();
+    if words.len() < 2 {
+        return None;
+    }
+    snake_case(&words.join(" "))
 }
 
 /// Turns a stated name into snake_case; returns `None` when it is not a
@@ -215,6 +251,21 @@ mod tests {
         assert_eq!(
             found[0].instruction,
             "Multiply the speed by the time to get distance."
+        );
+    }
+
+    #[test]
+    fn unnamed_list_items_named() {
+        let reply = "1. Always check your answer before presenting it to the user.\n\
+                     2. Always remember that the answer is a number.\n\
+                     3. Always remember that the answer is a number.\n\
+                     The train goes far.\n";
+        let found = parse_reply(reply);
+        let names: Vec<&str> = found.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["check_answer_before_presenting", "answer_number"]);
+        assert_eq!(
+            found[1].instruction,
+            "Always remember that the answer is a number."
         );
     }
 
