@@ -711,3 +711,30 @@ async fn postgres_store_records_and_retrieves() {
     .await;
     assert_eq!(response["decoding"]["behaviors"], json!(["distance_from_speed"]));
 }
+
+#[tokio::test]
+async fn write_failure_counted_not_returned() {
+    let server = admin_server(|_| {});
+    let path = server.state.config.traces.as_ref().unwrap().path.clone();
+    // Holding the write lock past the writer's 5 s busy timeout makes its
+    // write fail, as a full or read-only disk would.
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (lost, response) = chat(&server, chat_body("Say one.", json!({"max_tokens": 1}))).await;
+    assert_eq!(response["object"], "chat.completion");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = metrics(&server).await;
+        if metric_value(&text, "mull_trace_write_errors_total", "") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let (status, _) = admin_json(&server, &format!("/admin/traces/{}", lost.unwrap())).await;
+    assert_eq!(status, 404);
+    // The writer goes on once the disk recovers.
+    let (kept, _) = chat(&server, chat_body("Say two.", json!({"max_tokens": 1}))).await;
+    stored_trace(&server, &kept.unwrap()).await;
+}
