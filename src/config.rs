@@ -497,9 +497,7 @@ impl ServeArgs {
             let days = self.trace_max_age_days.unwrap_or(30);
             let megabytes = self.trace_max_size_mb.unwrap_or(1024);
             TraceConfig {
-                path: self
-                    .traces_path
-                    .unwrap_or_else(|| "mull-traces.db".into()),
+                path: self.traces_path.unwrap_or_else(|| "mull-traces.db".into()),
                 postgres_url: self.traces_postgres_url,
                 queue_capacity: self.trace_queue_capacity.unwrap_or(1024),
                 retention: Retention {
@@ -510,7 +508,10 @@ impl ServeArgs {
             }
         });
         let admin_key = self.admin_key;
-        if admin_key.as_ref().is_some_and(|k| k.expose().trim().is_empty()) {
+        if admin_key
+            .as_ref()
+            .is_some_and(|k| k.expose().trim().is_empty())
+        {
             errors.push("admin_key: must not be empty".into());
         }
         if admin_key.is_some() && traces.is_none() {
@@ -701,14 +702,20 @@ mod tests {
             ..ServeArgs::default()
         };
         let ConfigError(errors) = args.resolve().unwrap_err();
-        assert!(errors.iter().any(|e| e.starts_with("admin_key")), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with("admin_key")),
+            "{errors:?}"
+        );
     }
 
     #[test]
     fn trace_retention_defaults_and_zero() {
         let config = ServeArgs::default().resolve().unwrap();
         let traces = config.traces.expect("recording is on by default");
-        assert_eq!(traces.retention.max_age, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(
+            traces.retention.max_age,
+            Some(Duration::from_secs(30 * 86_400))
+        );
         assert_eq!(traces.retention.max_bytes, Some(1024 << 20));
         let args = ServeArgs {
             trace_max_age_days: Some(0),

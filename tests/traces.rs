@@ -94,7 +94,12 @@ async fn stored_trace(server: &TestServer, id: &str) -> Value {
 fn assert_error(status: u16, text: &str, expected_status: u16, param: Option<&str>) {
     assert_eq!(status, expected_status, "{text}");
     let body: Value = serde_json::from_str(text).expect("error body is JSON");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     if let Some(param) = param {
         assert_eq!(body["error"]["param"], param, "{body}");
     }
@@ -137,11 +142,22 @@ async fn chat_trace_has_request_and_output() {
     );
     let choice = &trace["choices"][0];
     assert_eq!(choice["text"], response["choices"][0]["message"]["content"]);
-    assert_eq!(choice["finish_reason"], response["choices"][0]["finish_reason"]);
+    assert_eq!(
+        choice["finish_reason"],
+        response["choices"][0]["finish_reason"]
+    );
     assert_eq!(choice["tokens"], response["usage"]["completion_tokens"]);
-    assert!(choice["entropy"]["mean"].as_f64().unwrap() >= 0.0, "{trace}");
-    assert!(choice["entropy"]["max"].as_f64().unwrap() >= choice["entropy"]["mean"].as_f64().unwrap());
-    assert_eq!(trace["usage"]["prompt_tokens"], response["usage"]["prompt_tokens"]);
+    assert!(
+        choice["entropy"]["mean"].as_f64().unwrap() >= 0.0,
+        "{trace}"
+    );
+    assert!(
+        choice["entropy"]["max"].as_f64().unwrap() >= choice["entropy"]["mean"].as_f64().unwrap()
+    );
+    assert_eq!(
+        trace["usage"]["prompt_tokens"],
+        response["usage"]["prompt_tokens"]
+    );
     assert!(trace["latency"]["total_ms"].as_u64().unwrap() > 0);
     assert!(trace["latency"]["first_token_ms"].as_u64().is_some());
     assert!(trace["created_ms"].as_i64().unwrap() > 1_700_000_000_000);
@@ -308,7 +324,12 @@ async fn admin_key_required() {
     let url = server.url("/admin/traces");
     let missing = client().get(&url).send().await.unwrap();
     assert_eq!(missing.status(), 401);
-    let wrong = client().get(&url).bearer_auth("sk-user").send().await.unwrap();
+    let wrong = client()
+        .get(&url)
+        .bearer_auth("sk-user")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     let body: Value = wrong.json().await.unwrap();
     assert_eq!(body["error"]["type"], "authentication_error");
@@ -335,8 +356,13 @@ async fn bad_filters_named() {
         ("endpoint=embeddings", "endpoint"),
         ("colour=red", "colour"),
     ] {
-        let (status, text) =
-            admin(&server, reqwest::Method::GET, &format!("/admin/traces?{query}"), None).await;
+        let (status, text) = admin(
+            &server,
+            reqwest::Method::GET,
+            &format!("/admin/traces?{query}"),
+            None,
+        )
+        .await;
         assert_error(status, &text, 400, Some(param));
     }
 }
@@ -399,7 +425,10 @@ async fn export_is_fine_tuning_jsonl() {
         .send()
         .await
         .unwrap();
-    let completion_id = response.headers()["x-mull-trace-id"].to_str().unwrap().to_string();
+    let completion_id = response.headers()["x-mull-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     stored_trace(&server, &completion_id).await;
 
     let (status, text) = admin(&server, reqwest::Method::GET, "/admin/traces/export", None).await;
@@ -439,21 +468,18 @@ async fn export_is_fine_tuning_jsonl() {
 #[tokio::test]
 async fn full_queue_drops_and_counts() {
     let server = admin_server(|args| args.trace_queue_capacity = Some(1));
-    let path = server
-        .state
-        .config
-        .traces
-        .as_ref()
-        .unwrap()
-        .path
-        .clone();
+    let path = server.state.config.traces.as_ref().unwrap().path.clone();
     // Another connection holds the write lock, so the writer blocks on its
     // first trace as it would on a stalled disk.
     let blocker = rusqlite::Connection::open(&path).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     const REQUESTS: u64 = 5;
     for i in 0..REQUESTS {
-        chat(&server, chat_body(&format!("Say {i}."), json!({"max_tokens": 1}))).await;
+        chat(
+            &server,
+            chat_body(&format!("Say {i}."), json!({"max_tokens": 1})),
+        )
+        .await;
     }
     let text = metrics(&server).await;
     let dropped = metric_value(&text, "mull_traces_dropped_total", "");
@@ -505,7 +531,13 @@ async fn handbook_learns_from_traces() {
 
     // Extraction shows both to the model; whatever it states is stored
     // with its source trace, and a second run finds nothing new.
-    let (status, text) = admin(&server, reqwest::Method::POST, "/admin/extraction", Some(json!({}))).await;
+    let (status, text) = admin(
+        &server,
+        reqwest::Method::POST,
+        "/admin/extraction",
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(status, 200, "{text}");
     let report: Value = serde_json::from_str(&text).unwrap();
     eprintln!("extraction: {report}");
@@ -515,9 +547,17 @@ async fn handbook_learns_from_traces() {
     for behavior in behaviors["data"].as_array().unwrap() {
         let from = behavior["source_traces"].as_array().unwrap();
         assert!(!from.is_empty(), "{behavior}");
-        assert!(from.iter().all(|t| sources.contains(&t.as_str().unwrap().to_string())));
+        assert!(from
+            .iter()
+            .all(|t| sources.contains(&t.as_str().unwrap().to_string())));
     }
-    let (_, text) = admin(&server, reqwest::Method::POST, "/admin/extraction", Some(json!({}))).await;
+    let (_, text) = admin(
+        &server,
+        reqwest::Method::POST,
+        "/admin/extraction",
+        Some(json!({})),
+    )
+    .await;
     let again: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(again["examined"], 0, "{again}");
 
@@ -622,7 +662,10 @@ async fn behaviors_edit_import_export() {
     assert_eq!(status, 200);
     let exported = exported.as_array().unwrap().clone();
     assert_eq!(exported.len(), 2);
-    assert_eq!(exported[0]["instruction"], "Say which unit the result is in.");
+    assert_eq!(
+        exported[0]["instruction"],
+        "Say which unit the result is in."
+    );
     assert_eq!(exported[0]["effect"]["accuracy_delta"], 0.01);
 
     // The export imports into another server as it is.
@@ -638,7 +681,13 @@ async fn behaviors_edit_import_export() {
     let (_, copied) = admin_json(&other, "/admin/behaviors/export").await;
     assert_eq!(copied, Value::Array(exported));
 
-    let (status, _) = admin(&server, reqwest::Method::DELETE, "/admin/behaviors/draw_table", None).await;
+    let (status, _) = admin(
+        &server,
+        reqwest::Method::DELETE,
+        "/admin/behaviors/draw_table",
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     let (_, listed) = admin_json(&server, "/admin/behaviors").await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 1);
@@ -671,11 +720,18 @@ async fn postgres_store_records_and_retrieves() {
         return;
     };
     let server = admin_server(|args| args.traces_postgres_url = Some(url.parse().unwrap()));
-    let (id, response) = chat(&server, chat_body(TRAIN_QUESTION, json!({"metadata": {"run": "pg"}}))).await;
+    let (id, response) = chat(
+        &server,
+        chat_body(TRAIN_QUESTION, json!({"metadata": {"run": "pg"}})),
+    )
+    .await;
     let id = id.unwrap();
     let trace = stored_trace(&server, &id).await;
     assert_eq!(trace["metadata"]["run"], "pg");
-    assert_eq!(trace["choices"][0]["text"], response["choices"][0]["message"]["content"]);
+    assert_eq!(
+        trace["choices"][0]["text"],
+        response["choices"][0]["message"]["content"]
+    );
 
     let (status, _) = admin(
         &server,
@@ -706,10 +762,16 @@ async fn postgres_store_records_and_retrieves() {
     assert_eq!(status, 201);
     let (_, response) = chat(
         &server,
-        chat_body(TRAIN_QUESTION, json!({"decoding": {"strategy": "handbook", "behaviors": 1}})),
+        chat_body(
+            TRAIN_QUESTION,
+            json!({"decoding": {"strategy": "handbook", "behaviors": 1}}),
+        ),
     )
     .await;
-    assert_eq!(response["decoding"]["behaviors"], json!(["distance_from_speed"]));
+    assert_eq!(
+        response["decoding"]["behaviors"],
+        json!(["distance_from_speed"])
+    );
 }
 
 #[tokio::test]

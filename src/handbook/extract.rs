@@ -133,8 +133,8 @@ fn strip_list_marker(line: &str) -> &str {
 
 /// Words left out of names made from an instruction.
 const FILLER_WORDS: &[&str] = &[
-    "a", "an", "the", "always", "be", "sure", "to", "your", "you", "that", "it", "is", "of",
-    "and", "or", "for", "make", "remember", "should", "must", "try",
+    "a", "an", "the", "always", "be", "sure", "to", "your", "you", "that", "it", "is", "of", "and",
+    "or", "for", "make", "remember", "should", "must", "try",
 ];
 
 /// Makes a snake_case name of the first four content words of an
@@ -172,7 +172,10 @@ fn snake_case(name: &str) -> Option<String> {
     if words.is_empty() || words.len() > 4 {
         return None;
     }
-    if !words.iter().any(|w| w.chars().any(|c| c.is_ascii_alphabetic())) {
+    if !words
+        .iter()
+        .any(|w| w.chars().any(|c| c.is_ascii_alphabetic()))
+    {
         return None;
     }
     let name = words.join("_");

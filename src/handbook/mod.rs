@@ -79,10 +79,7 @@ impl StoredHandbook {
     }
 
     fn index(&self) -> Arc<StaticHandbook> {
-        self.index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -164,7 +164,8 @@ async fn reflect(
         stops: Vec::new(),
         cancel: CancellationToken::new(),
     };
-    let (mut paths, _) = plain::sample(&context, &input, 1, SamplingParams::greedy(), Some(0)).await?;
+    let (mut paths, _) =
+        plain::sample(&context, &input, 1, SamplingParams::greedy(), Some(0)).await?;
     Ok(paths.pop().map(|path| path.text))
 }
 

@@ -118,8 +118,17 @@ pub fn list_filters_by_columns(store: &dyn TraceStore) {
     store.insert(&trace("early", 10, None)).unwrap();
     store.insert(&other).unwrap();
     let ids = |filter: TraceFilter| -> Vec<String> {
-        let filter = TraceFilter { limit: 10, ..filter };
-        store.list(&filter).unwrap().traces.into_iter().map(|t| t.id).collect()
+        let filter = TraceFilter {
+            limit: 10,
+            ..filter
+        };
+        store
+            .list(&filter)
+            .unwrap()
+            .traces
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
     };
     let by_model = ids(TraceFilter {
         model: Some("other-model".into()),
@@ -242,7 +251,10 @@ pub fn behaviors_add_edit_delete(store: &dyn TraceStore) {
         effect: Some(Some(json!({"accuracy_delta": 0.1}))),
         ..BehaviorPatch::default()
     };
-    let edited = store.update_behavior("check_units", &patch).unwrap().unwrap();
+    let edited = store
+        .update_behavior("check_units", &patch)
+        .unwrap()
+        .unwrap();
     assert_eq!(edited.name, "unit_check");
     assert_eq!(edited.source_traces, ["a", "b"]);
     assert_eq!(edited.times_retrieved, 1);

@@ -243,8 +243,11 @@ pub trait TraceStore: Send + Sync {
     /// Returns chat traces not yet shown to extraction that look solved:
     /// self-consistency agreement of at least `min_agreement`, converged
     /// introspection, or a positive feedback score. Oldest first.
-    fn solved_unextracted(&self, min_agreement: f64, limit: usize)
-        -> Result<Vec<Trace>, StoreError>;
+    fn solved_unextracted(
+        &self,
+        min_agreement: f64,
+        limit: usize,
+    ) -> Result<Vec<Trace>, StoreError>;
     fn mark_extracted(&self, ids: &[String]) -> Result<(), StoreError>;
 
     fn behaviors(&self) -> Result<Vec<StoredBehavior>, StoreError>;

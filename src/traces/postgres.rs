@@ -61,13 +61,17 @@ struct ClientGuard<'a>(MutexGuard<'a, Option<Client>>);
 impl Deref for ClientGuard<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
-        self.0.as_ref().expect("clients are present until the store drops")
+        self.0
+            .as_ref()
+            .expect("clients are present until the store drops")
     }
 }
 
 impl DerefMut for ClientGuard<'_> {
     fn deref_mut(&mut self) -> &mut Client {
-        self.0.as_mut().expect("clients are present until the store drops")
+        self.0
+            .as_mut()
+            .expect("clients are present until the store drops")
     }
 }
 
@@ -272,7 +276,8 @@ impl TraceStore for PostgresStore {
         let mut deleted = 0;
         if let Some(max_age) = retention.max_age {
             let oldest_kept = now_ms.saturating_sub(max_age.as_millis() as i64);
-            deleted += client.execute("DELETE FROM traces WHERE created_ms < $1", &[&oldest_kept])?
+            deleted += client
+                .execute("DELETE FROM traces WHERE created_ms < $1", &[&oldest_kept])?
                 as usize;
         }
         if let Some(max_bytes) = retention.max_bytes {
@@ -310,7 +315,8 @@ impl TraceStore for PostgresStore {
                  WHERE NOT extracted AND endpoint = 'chat'
                    AND (agreement >= $1 OR converged OR feedback_score > 0)
                  ORDER BY seq LIMIT $2"
-            ).as_str(),
+            )
+            .as_str(),
             &[&min_agreement, &(limit as i64)],
         )?;
         rows.iter().map(decode_trace).collect()

@@ -220,13 +220,11 @@ fn behavior_named(
     connection: &Connection,
     name: &str,
 ) -> Result<Option<StoredBehavior>, StoreError> {
-    let mut statement =
-        connection.prepare(&format!("SELECT {BEHAVIOR_COLUMNS} FROM behaviors WHERE name = ?1"))?;
+    let mut statement = connection.prepare(&format!(
+        "SELECT {BEHAVIOR_COLUMNS} FROM behaviors WHERE name = ?1"
+    ))?;
     let mut rows = statement.query_map([name], read_behavior)?;
-    rows.next()
-        .transpose()?
-        .map(decode_behavior)
-        .transpose()
+    rows.next().transpose()?.map(decode_behavior).transpose()
 }
 
 impl TraceStore for SqliteStore {
@@ -340,10 +338,8 @@ impl TraceStore for SqliteStore {
         let mut deleted = 0;
         if let Some(max_age) = retention.max_age {
             let oldest_kept = now_ms.saturating_sub(max_age.as_millis() as i64);
-            deleted += connection.execute(
-                "DELETE FROM traces WHERE created_ms < ?1",
-                [oldest_kept],
-            )?;
+            deleted +=
+                connection.execute("DELETE FROM traces WHERE created_ms < ?1", [oldest_kept])?;
         }
         if let Some(max_bytes) = retention.max_bytes {
             loop {
@@ -406,8 +402,9 @@ impl TraceStore for SqliteStore {
 
     fn behaviors(&self) -> Result<Vec<StoredBehavior>, StoreError> {
         let connection = self.admin();
-        let mut statement =
-            connection.prepare(&format!("SELECT {BEHAVIOR_COLUMNS} FROM behaviors ORDER BY name"))?;
+        let mut statement = connection.prepare(&format!(
+            "SELECT {BEHAVIOR_COLUMNS} FROM behaviors ORDER BY name"
+        ))?;
         let rows = statement
             .query_map([], read_behavior)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -572,7 +569,9 @@ mod tests {
         let path = dir.path().join("traces.db");
         let garbage = b"this is not a database, and it must survive a failed start".repeat(100);
         std::fs::write(&path, &garbage).unwrap();
-        let error = SqliteStore::open(&path).err().expect("a corrupt file is rejected");
+        let error = SqliteStore::open(&path)
+            .err()
+            .expect("a corrupt file is rejected");
         assert!(matches!(error, StoreError::Unusable { .. }), "{error}");
         assert!(error.to_string().contains("traces.db"), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), garbage);

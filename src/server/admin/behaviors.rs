@@ -104,7 +104,10 @@ pub async fn import(
         if let Some(key) = object.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ApiError::invalid(
                 format!("{prefix}{key}"),
-                format!("unknown behavior field `{key}`; allowed: {}", known.join(", ")),
+                format!(
+                    "unknown behavior field `{key}`; allowed: {}",
+                    known.join(", ")
+                ),
             ));
         }
         let mut behavior = new_behavior(object, &prefix)?;
@@ -173,14 +176,19 @@ pub async fn delete(
     if !deleted {
         return Err(not_found(&name));
     }
-    Ok(Json(json!({"name": name, "object": "behavior", "deleted": true})))
+    Ok(Json(
+        json!({"name": name, "object": "behavior", "deleted": true}),
+    ))
 }
 
 /// Reads a new behavior; `prefix` places its fields in the error messages.
 fn new_behavior(object: &Map<String, Value>, prefix: &str) -> Result<StoredBehavior, ApiError> {
     let required = |key: &str, check: fn(&str) -> Result<(), String>| {
         optional_text(object, prefix, key, check)?.ok_or_else(|| {
-            ApiError::invalid(format!("{prefix}{key}"), format!("`{prefix}{key}` is required"))
+            ApiError::invalid(
+                format!("{prefix}{key}"),
+                format!("`{prefix}{key}` is required"),
+            )
         })
     };
     let name = required("name", check_name)?;

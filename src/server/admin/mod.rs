@@ -31,9 +31,15 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/admin/traces", get(traces::list))
         .route("/admin/traces/export", get(traces::export))
-        .route("/admin/traces/{id}", get(traces::fetch).delete(traces::delete))
+        .route(
+            "/admin/traces/{id}",
+            get(traces::fetch).delete(traces::delete),
+        )
         .route("/admin/traces/{id}/feedback", post(traces::feedback))
-        .route("/admin/behaviors", get(behaviors::list).post(behaviors::add))
+        .route(
+            "/admin/behaviors",
+            get(behaviors::list).post(behaviors::add),
+        )
         .route("/admin/behaviors/export", get(behaviors::export))
         .route("/admin/behaviors/import", post(behaviors::import))
         .route(

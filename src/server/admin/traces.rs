@@ -110,15 +110,21 @@ fn filter(query: Pairs, default_limit: usize, max_limit: usize) -> Result<TraceF
 }
 
 fn seconds_to_ms(key: &str, seconds: i64) -> Result<i64, ApiError> {
-    seconds.checked_mul(1000).filter(|_| seconds >= 0).ok_or_else(|| {
-        ApiError::invalid(
-            key,
-            format!("`{key}` must be a Unix time in seconds, got {seconds}"),
-        )
-    })
+    seconds
+        .checked_mul(1000)
+        .filter(|_| seconds >= 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                key,
+                format!("`{key}` must be a Unix time in seconds, got {seconds}"),
+            )
+        })
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, query: Pairs) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    query: Pairs,
+) -> Result<Json<Value>, ApiError> {
     let filter = filter(query, DEFAULT_LIMIT, MAX_LIMIT)?;
     let page = blocking(&state, move |store| store.list(&filter)).await?;
     Ok(Json(json!({
@@ -130,7 +136,10 @@ pub async fn list(State(state): State<Arc<AppState>>, query: Pairs) -> Result<Js
 
 /// Returns the filtered chat traces as JSONL in OpenAI's chat fine-tuning
 /// format, one line per returned choice, newest trace first.
-pub async fn export(State(state): State<Arc<AppState>>, query: Pairs) -> Result<Response, ApiError> {
+pub async fn export(
+    State(state): State<Arc<AppState>>,
+    query: Pairs,
+) -> Result<Response, ApiError> {
     let mut filter = filter(query, DEFAULT_EXPORT_LIMIT, MAX_EXPORT_LIMIT)?;
     if filter.endpoint.as_deref() == Some("completion") {
         return Err(ApiError::invalid(
