@@ -19,7 +19,8 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
 def server_url():
     binary = os.environ.get("MULL_BIN", str(ROOT / "target" / "debug" / "mull"))
     model = os.environ.get("MULL_TEST_MODEL", str(MODEL))
-    traces = tempfile.mkdtemp(prefix="mull-traces-")
+    traces_dir = tempfile.TemporaryDirectory(prefix="mull-traces-")
+    traces = traces_dir.name
     process = subprocess.Popen(
         [binary, "serve", "--port", "0", "--model-path", model,
          "--traces-path", os.path.join(traces, "traces.db")],
@@ -56,3 +57,4 @@ def server_url():
     yield address
     process.terminate()
     process.wait(timeout=60)
+    traces_dir.cleanup()
