@@ -143,8 +143,8 @@ fn initialize(connection: &Connection) -> Result<(), String> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!("journal mode WAL is unavailable (got {mode})"));
     }
-    // In WAL mode, NORMAL loses no committed transaction when the process
-    // is killed; only a power loss can take the last ones.
+    // In WAL mode, NORMAL keeps committed transactions when the process is
+    // killed; only a power loss or an OS crash can roll back the last ones.
     connection
         .pragma_update(None, "synchronous", "NORMAL")
         .map_err(failed)?;
