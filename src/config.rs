@@ -7,7 +7,10 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::fetch::DefaultFormat;
+use crate::{
+    fetch::DefaultFormat,
+    traces::{Retention, TraceConfig},
+};
 
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -140,6 +143,44 @@ pub struct ServeArgs {
     /// JSON file of behaviors for the handbook strategy [default: none].
     #[arg(long, env = "MULL_HANDBOOK_PATH")]
     pub handbook_path: Option<PathBuf>,
+    /// Record a trace of every completed request, unless the request sets
+    /// `"store": false` [default: true].
+    #[arg(long, env = "MULL_TRACES")]
+    pub traces: Option<bool>,
+    /// SQLite file of the trace store, created when missing [default: mull-traces.db].
+    #[arg(long, env = "MULL_TRACES_PATH")]
+    pub traces_path: Option<PathBuf>,
+    /// PostgreSQL connection string (such as `host=db user=mull dbname=mull`
+    /// or a postgres:// URL) of a trace store shared by several servers;
+    /// replaces traces_path [default: none].
+    #[arg(long, env = "MULL_TRACES_POSTGRES_URL", hide_env_values = true)]
+    pub traces_postgres_url: Option<Secret>,
+    /// Traces that may wait for the store's writer; more are dropped and
+    /// counted in mull_traces_dropped_total [default: 1024].
+    #[arg(long, env = "MULL_TRACE_QUEUE_CAPACITY")]
+    pub trace_queue_capacity: Option<usize>,
+    /// Days a trace is kept; 0 keeps traces forever [default: 30].
+    #[arg(long, env = "MULL_TRACE_MAX_AGE_DAYS")]
+    pub trace_max_age_days: Option<u64>,
+    /// Size in MiB past which the oldest traces are deleted; 0 sets no
+    /// bound [default: 1024].
+    #[arg(long, env = "MULL_TRACE_MAX_SIZE_MB")]
+    pub trace_max_size_mb: Option<u64>,
+    /// Key of the admin API (/admin routes), sent as `Authorization: Bearer
+    /// KEY`; without it the admin API is off [default: none].
+    #[arg(long, env = "MULL_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<Secret>,
+    /// Seconds between runs that extract behaviors from solved traces; 0
+    /// turns the background runs off [default: 600].
+    #[arg(long, env = "MULL_EXTRACTION_INTERVAL_SECS")]
+    pub extraction_interval_secs: Option<u64>,
+    /// Traces one extraction run shows to the model, at most [default: 4].
+    #[arg(long, env = "MULL_EXTRACTION_BATCH")]
+    pub extraction_batch: Option<usize>,
+    /// Self-consistency agreement from which a trace counts as solved, 0 to
+    /// 1 [default: 0.6].
+    #[arg(long, env = "MULL_EXTRACTION_MIN_AGREEMENT")]
+    pub extraction_min_agreement: Option<f64>,
     /// Models from the TOML file; --model-path replaces them with one.
     #[arg(skip)]
     pub models: Option<Vec<ModelEntry>>,
@@ -215,7 +256,27 @@ pub struct Config {
     pub handbook: Vec<crate::decoding::Behavior>,
     /// Validated `decoding` objects by preset name.
     pub presets: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The trace store; `None` when recording is off.
+    pub traces: Option<TraceConfig>,
+    /// Key of the admin API, which is off without one.
+    pub admin_key: Option<Secret>,
+    pub extraction: ExtractionConfig,
 }
+
+/// When and how much the background task extracts behaviors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtractionConfig {
+    /// Time between background runs; `None` runs only when the admin API
+    /// asks.
+    pub interval: Option<Duration>,
+    /// Traces shown to the model per run.
+    pub batch: usize,
+    /// Self-consistency agreement from which a trace counts as solved.
+    pub min_agreement: f64,
+}
+
+/// How often the trace writer enforces the retention limits.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Every invalid option, each named.
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +336,16 @@ impl ServeArgs {
             log_format,
             log,
             handbook_path,
+            traces,
+            traces_path,
+            traces_postgres_url,
+            trace_queue_capacity,
+            trace_max_age_days,
+            trace_max_size_mb,
+            admin_key,
+            extraction_interval_secs,
+            extraction_batch,
+            extraction_min_agreement,
             models,
             presets
         )
@@ -478,6 +549,7 @@ impl ServeArgs {
             at_least_one("max_concurrent_requests", self.max_concurrent_requests, 16);
         let max_body_bytes = at_least_one("max_body_bytes", self.max_body_bytes, 1 << 20);
         let max_n = at_least_one("max_n", self.max_n, 16);
+        let extraction_batch = at_least_one("extraction_batch", self.extraction_batch, 4);
         let request_timeout_secs = self.request_timeout_secs.unwrap_or(600);
         if request_timeout_secs == 0 {
             errors.push("request_timeout_secs: must be at least 1".into());
@@ -504,12 +576,54 @@ impl ServeArgs {
             },
             None => Vec::new(),
         };
-        if handbook.is_empty() {
+        let traces = self.traces.unwrap_or(true).then(|| {
+            let days = self.trace_max_age_days.unwrap_or(30);
+            let megabytes = self.trace_max_size_mb.unwrap_or(1024);
+            TraceConfig {
+                path: self.traces_path.unwrap_or_else(|| "mull-traces.db".into()),
+                postgres_url: self.traces_postgres_url,
+                queue_capacity: self.trace_queue_capacity.unwrap_or(1024),
+                retention: Retention {
+                    max_age: (days > 0).then(|| Duration::from_secs(days.saturating_mul(86_400))),
+                    max_bytes: (megabytes > 0).then(|| megabytes.saturating_mul(1 << 20)),
+                },
+                retention_interval: RETENTION_INTERVAL,
+            }
+        });
+        let admin_key = self.admin_key;
+        if admin_key
+            .as_ref()
+            .is_some_and(|k| k.expose().trim().is_empty())
+        {
+            errors.push("admin_key: must not be empty".into());
+        }
+        if admin_key.is_some() && traces.is_none() {
+            errors.push(
+                "admin_key: the admin API serves the trace store, which `traces = false` turns off"
+                    .into(),
+            );
+        }
+        let min_agreement = self.extraction_min_agreement.unwrap_or(0.6);
+        if !(0.0..=1.0).contains(&min_agreement) {
+            errors.push(format!(
+                "extraction_min_agreement: must be from 0 to 1, got {min_agreement}"
+            ));
+        }
+        let extraction = ExtractionConfig {
+            interval: match self.extraction_interval_secs.unwrap_or(600) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
+            batch: extraction_batch,
+            min_agreement,
+        };
+        // With a trace store, behaviors can also come from the store.
+        if handbook.is_empty() && traces.is_none() {
             let defaults = models.iter().filter_map(|m| m.default_strategy.as_ref());
             if presets.values().chain(defaults).any(uses_handbook) {
                 errors.push(
                     "handbook_path: a preset or default strategy uses the handbook strategy, \
-                     which needs a handbook file"
+                     which needs a handbook file or the trace store"
                         .into(),
                 );
             }
@@ -536,6 +650,9 @@ impl ServeArgs {
             log,
             handbook,
             presets,
+            traces,
+            admin_key,
+            extraction,
         })
     }
 }
@@ -636,6 +753,8 @@ mod tests {
     fn handbook_preset_needs_handbook_file() {
         let file: ServeArgs = toml::from_str(
             r#"
+            traces = false
+
             [presets.guided]
             strategy = "self_consistency"
             inner = { strategy = "handbook" }
@@ -656,6 +775,49 @@ mod tests {
         let config = ServeArgs::default().over(file).validate().unwrap();
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.max_concurrent_requests, 16);
+    }
+
+    #[test]
+    fn admin_key_needs_trace_store() {
+        let args = ServeArgs {
+            traces: Some(false),
+            admin_key: Some(Secret("admin-secret".into())),
+            ..ServeArgs::default()
+        };
+        let ConfigError(errors) = args.resolve().unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.starts_with("admin_key")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn trace_retention_defaults_and_zero() {
+        let config = ServeArgs::default().resolve().unwrap();
+        let traces = config.traces.expect("recording is on by default");
+        assert_eq!(
+            traces.retention.max_age,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(traces.retention.max_bytes, Some(1024 << 20));
+        let args = ServeArgs {
+            trace_max_age_days: Some(0),
+            trace_max_size_mb: Some(0),
+            ..ServeArgs::default()
+        };
+        let traces = args.resolve().unwrap().traces.unwrap();
+        assert_eq!(traces.retention.max_age, None);
+        assert_eq!(traces.retention.max_bytes, None);
+    }
+
+    #[test]
+    fn admin_key_redacted_in_debug() {
+        let args = ServeArgs {
+            admin_key: Some(Secret("admin-very-secret".into())),
+            ..ServeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert!(!format!("{config:?}").contains("admin-very-secret"));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`engine`]: the engine trait and its mistral.rs implementation.
 //! - [`decoding`]: decoding strategies chosen per request.
 //! - [`generation`]: engine steps to client text (UTF-8, stop strings).
+//! - [`traces`]: the record of completed requests and its SQLite store.
+//! - [`handbook`]: the learned behavior handbook and its extraction.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: flags, environment and TOML configuration.
 //! - [`fetch`]: fetching and requantizing the default model.
@@ -18,7 +20,9 @@ pub mod decoding;
 pub mod engine;
 pub mod fetch;
 pub mod generation;
+pub mod handbook;
 pub mod metrics;
 pub mod serve;
 pub mod server;
 pub mod speed;
+pub mod traces;

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub self_consistency_early_stops: IntCounter,
     pub introspection_turns: Histogram,
     pub handbook_behaviors_retrieved: IntCounter,
+    pub traces_written: IntCounter,
+    pub traces_dropped: IntCounter,
+    pub trace_write_errors: IntCounter,
+    pub traces_pruned: IntCounter,
+    pub handbook_traces_examined: IntCounter,
+    pub handbook_behaviors_extracted: IntCounter,
     pub prefix_cache_hits: IntCounterVec,
     pub engine_sequences: IntCounterVec,
 }
@@ -153,6 +159,30 @@ impl Metrics {
             "mull_handbook_behaviors_retrieved_total",
             "Behaviors put into prompts by the handbook strategy",
         );
+        let traces_written = plain_counter(
+            "mull_traces_written_total",
+            "Traces written to the trace store",
+        );
+        let traces_dropped = plain_counter(
+            "mull_traces_dropped_total",
+            "Traces dropped because the writer's queue was full or the writer had stopped",
+        );
+        let trace_write_errors = plain_counter(
+            "mull_trace_write_errors_total",
+            "Failed writes to the trace store (traces, retrieval counts, retention)",
+        );
+        let traces_pruned = plain_counter(
+            "mull_traces_pruned_total",
+            "Traces deleted by the retention limits",
+        );
+        let handbook_traces_examined = plain_counter(
+            "mull_handbook_traces_examined_total",
+            "Solved traces shown to the model to extract behaviors",
+        );
+        let handbook_behaviors_extracted = plain_counter(
+            "mull_handbook_behaviors_extracted_total",
+            "New behaviors stored by extraction",
+        );
         let plain_histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("metric names are valid");
@@ -193,6 +223,12 @@ impl Metrics {
             self_consistency_early_stops,
             introspection_turns,
             handbook_behaviors_retrieved,
+            traces_written,
+            traces_dropped,
+            trace_write_errors,
+            traces_pruned,
+            handbook_traces_examined,
+            handbook_behaviors_extracted,
             registry,
             requests,
             prompt_tokens,

@@ -15,11 +15,14 @@ use crate::{
         Engine, GenerateRequest, SamplingParams, StepEvent,
     },
     fetch,
-    server::{app, AppState, ModelSlot},
+    server::{app, extraction, AppState, ModelSlot},
 };
 
 /// Prompts kept in each engine's prefix cache.
 const PREFIX_CACHE_ENTRIES: usize = 16;
+
+/// Time the trace writer gets at shutdown to write what is queued.
+const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `state` on `listener` until `shutdown` resolves, then gives
 /// in-flight requests up to the configured grace period.
@@ -162,15 +165,30 @@ pub async fn shutdown_signal() {
 
 /// Binds, starts loading and serves until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen).await?;
+    // The trace store is opened first, so that a damaged one stops the
+    // server before it listens.
+    let state = Arc::new(AppState::new(config)?);
+    let listener = TcpListener::bind(state.config.listen).await?;
     let address = listener.local_addr()?;
-    let state = Arc::new(AppState::new(config));
     // Tests and scripts read this line to find a port chosen by the OS.
     info!(address = %address, "listening on http://{address}");
     tokio::spawn(load_models(state.clone()));
-    run(listener, state, shutdown_signal()).await?;
+    let stop_extraction = CancellationToken::new();
+    if let (Some(interval), Some(_)) = (state.config.extraction.interval, &state.traces) {
+        tokio::spawn(extraction::run_periodically(
+            state.clone(),
+            interval,
+            stop_extraction.clone(),
+        ));
+    }
+    run(listener, state.clone(), shutdown_signal()).await?;
+    stop_extraction.cancel();
     // Leave time for streams that finished during the drain to flush.
     tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Some(traces) = &state.traces {
+        let recorder = traces.recorder.clone();
+        tokio::task::spawn_blocking(move || recorder.close(TRACE_FLUSH_TIMEOUT)).await?;
+    }
     info!("stopped");
     Ok(())
 }

@@ -20,10 +20,11 @@ fn state(adjust: impl FnOnce(&mut ServeArgs)) -> Arc<AppState> {
     let mut args = ServeArgs {
         model_path: Some(std::env::current_exe().unwrap()),
         model_name: Some("scripted".into()),
+        traces: Some(false),
         ..ServeArgs::default()
     };
     adjust(&mut args);
-    Arc::new(AppState::new(args.resolve().unwrap()))
+    Arc::new(AppState::new(args.resolve().unwrap()).unwrap())
 }
 
 fn ready_app(text: &str, adjust: impl FnOnce(&mut ServeArgs)) -> Router {

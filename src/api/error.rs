@@ -120,6 +120,21 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    /// Creates a 404 for an id that names nothing, such as an unknown
+    /// trace.
+    pub fn no_such(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut error = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message);
+        error.param = Some(param.into());
+        error.with_code("not_found")
+    }
+
+    /// Creates a 409 for a change that clashes with what is stored.
+    pub fn conflict(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut error = Self::new(StatusCode::CONFLICT, "invalid_request_error", message);
+        error.param = Some(param.into());
+        error.with_code("conflict")
+    }
+
     pub fn method_not_allowed() -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -119,6 +119,9 @@ pub struct GenerationParams {
     pub include_usage: bool,
     pub user: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    /// Whether the request may be recorded in the trace store (OpenAI's
+    /// `store`, default true here).
+    pub store: bool,
     /// Whether the request set `temperature` (strategies have their own
     /// default otherwise).
     pub temperature_set: bool,
@@ -309,6 +312,7 @@ impl RawCommon {
             include_usage,
             user: self.user,
             metadata,
+            store: self.store.unwrap_or(true),
             temperature_set,
             decoding: self.decoding,
         })

@@ -3,9 +3,11 @@
 //! behavior handbook and put them in the system prompt, then decode with
 //! the inner strategy.
 //!
-//! A behavior is a name and a one-line instruction. The handbook here is
-//! read from a JSON file named in the configuration; retrieval goes through
-//! [`BehaviorSource`], the interface a learned handbook will implement.
+//! A behavior is a name and a one-line instruction. [`StaticHandbook`]
+//! ranks a fixed list, read from a JSON file named in the configuration;
+//! the learned handbook in `crate::handbook` keeps its behaviors in the
+//! trace store and ranks them with a `StaticHandbook` rebuilt on change.
+//! The strategy sees either through [`BehaviorSource`].
 
 use std::{collections::HashMap, path::Path, sync::Arc};
 
@@ -31,6 +33,9 @@ pub struct Behavior {
 pub trait BehaviorSource: Send + Sync {
     /// Returns at most `k` behaviors most relevant to `query`, best first.
     fn retrieve(&self, query: &str, k: usize) -> Vec<Behavior>;
+
+    /// Returns how many behaviors the source holds.
+    fn count(&self) -> usize;
 }
 
 /// A fixed handbook held in memory, ranked with BM25 (k1 = 1.2, b = 0.75)
@@ -130,6 +135,10 @@ impl BehaviorSource for StaticHandbook {
             .take(k)
             .map(|(_, i)| self.behaviors[i].clone())
             .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.behaviors.len()
     }
 }
 

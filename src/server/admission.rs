@@ -84,6 +84,16 @@ impl Admission {
         Ok(self.permit(permit, start))
     }
 
+    /// Takes a free slot only when no request is waiting for one, for
+    /// background work that must not delay requests; never queues.
+    pub fn try_admit_idle(&self) -> Option<Permit> {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(self.permit(permit, Instant::now()))
+    }
+
     fn permit(&self, permit: OwnedSemaphorePermit, start: Instant) -> Permit {
         self.running_gauge.inc();
         Permit {

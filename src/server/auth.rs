@@ -1,4 +1,5 @@
-//! Bearer-token check for the `/v1` routes.
+//! Bearer-token checks: API keys for the `/v1` routes, the admin key for
+//! the `/admin` routes.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use axum::{
 };
 
 use super::AppState;
-use crate::api::ApiError;
+use crate::{api::ApiError, config::Secret};
 
 pub async fn require_api_key(
     State(state): State<Arc<AppState>>,
@@ -20,13 +21,36 @@ pub async fn require_api_key(
     if state.config.api_keys.is_empty() {
         return next.run(request).await;
     }
+    match check_bearer(&request, &state.config.api_keys, "API key") {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Guards the admin routes with the admin key, which API keys do not open.
+pub async fn require_admin_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let keys: Vec<Secret> = state.config.admin_key.iter().cloned().collect();
+    match check_bearer(&request, &keys, "admin key") {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Checks that the request's bearer token is one of `keys`; `kind` names
+/// the key in the error messages.
+fn check_bearer(request: &Request, keys: &[Secret], kind: &str) -> Result<(), ApiError> {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let Some(header) = header else {
-        return ApiError::unauthorized("missing API key; send it as `Authorization: Bearer KEY`")
-            .into_response();
+        return Err(ApiError::unauthorized(format!(
+            "missing {kind}; send it as `Authorization: Bearer KEY`"
+        )));
     };
     // The scheme name is case-insensitive (RFC 9110, section 11.1).
     let presented = header
@@ -34,20 +58,17 @@ pub async fn require_api_key(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
     let Some(presented) = presented else {
-        return ApiError::unauthorized(
-            "unsupported authorization scheme; send the key as `Authorization: Bearer KEY`",
-        )
-        .into_response();
+        return Err(ApiError::unauthorized(format!(
+            "unsupported authorization scheme; send the {kind} as `Authorization: Bearer KEY`"
+        )));
     };
-    let valid = state
-        .config
-        .api_keys
+    let valid = keys
         .iter()
         .any(|key| constant_time_eq(key.expose().as_bytes(), presented.as_bytes()));
     if !valid {
-        return ApiError::unauthorized("invalid API key").into_response();
+        return Err(ApiError::unauthorized(format!("invalid {kind}")));
     }
-    next.run(request).await
+    Ok(())
 }
 
 /// Compares without an early exit, so response timing does not reveal how

@@ -29,7 +29,10 @@ use super::{
     observe::{ModelLabel, StreamLogged},
     AppState, ModelSlot, Permit,
 };
+mod record;
 mod strategy;
+
+pub use record::TRACE_ID_HEADER;
 
 use crate::metrics::DISCONNECTED;
 
@@ -48,6 +51,7 @@ use crate::{
     engine::ChatTurn,
     engine::{Engine, GenerateRequest, TokenStep},
     generation::{run_choices, ApiFinishReason, ChoiceEvent},
+    traces::{self, record::EntropyTotals, EntropySummary, TraceBuilder},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +79,8 @@ struct Prepared {
     /// The decoding strategy, when the request, a preset alias or the
     /// model's default names one.
     strategy: Option<Arc<dyn Strategy>>,
+    /// The completion prompt as the client sent it, for the trace.
+    sent_prompt: Option<serde_json::Value>,
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
@@ -98,6 +104,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) ->
             params: request.params,
             messages: Some(request.messages),
             strategy,
+            sent_prompt: None,
         })
     }
     .await;
@@ -112,6 +119,10 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Resp
         let request = CompletionRequest::parse(&bytes, &state.limits)?;
         let (slot, engine, strategy) = resolve_model(&state, &request.params)?;
         label = Some(slot.name.clone());
+        let sent_prompt = match &request.prompt {
+            Prompt::Text(text) => serde_json::json!(text),
+            Prompt::Tokens(tokens) => serde_json::json!(tokens),
+        };
         let prompt = match request.prompt {
             Prompt::Tokens(tokens) => {
                 let vocab = engine.info().vocab_size;
@@ -138,6 +149,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Resp
             params: request.params,
             messages: None,
             strategy,
+            sent_prompt: Some(sent_prompt),
         })
     }
     .await;
@@ -263,6 +275,7 @@ async fn generate(
         params,
         messages,
         strategy,
+        sent_prompt,
     } = prepared;
     let span = Span::current();
     span.record("model", slot.name.as_str());
@@ -273,7 +286,7 @@ async fn generate(
         engine.info().context_length,
     )?;
     if let Some(strategy) = &strategy {
-        let handbook_loaded = !state.config.handbook.is_empty();
+        let handbook_loaded = state.behaviors.count() > 0;
         strategy::check(strategy.as_ref(), &params, endpoint, handbook_loaded)?;
     }
     let deadline = TokioInstant::from_std(started) + state.config.request_timeout;
@@ -287,6 +300,17 @@ async fn generate(
         .observe(permit.queued_for.as_secs_f64());
     span.record("queue_ms", permit.queued_for.as_millis() as u64);
 
+    let id = response_id(endpoint);
+    let trace = record::start_trace(record::RequestRecord {
+        state: &state,
+        endpoint,
+        model: &slot.name,
+        params: &params,
+        strategy: strategy.as_deref(),
+        messages: messages.as_deref(),
+        prompt: sent_prompt,
+        id: &id,
+    });
     let cancel = CancellationToken::new();
     let job = Job {
         state,
@@ -297,9 +321,12 @@ async fn generate(
         prompt_tokens: prompt.len(),
         started,
         deadline,
-        id: response_id(endpoint),
+        id,
         created: unix_now(),
         tracker: Tracker::default(),
+        queued_for: permit.queued_for,
+        trace_id: trace.as_ref().map(|t| t.id.clone()),
+        trace,
         _permit: permit,
         _cancel: cancel.clone().drop_guard(),
         span: Span::current(),
@@ -389,6 +416,13 @@ struct Job {
     id: String,
     created: u64,
     tracker: Tracker,
+    queued_for: std::time::Duration,
+    /// The request's trace until it is handed to the recorder; `None` when
+    /// the request is not recorded.
+    trace: Option<TraceBuilder>,
+    /// Set when the request is recorded, and kept after the trace is handed
+    /// over.
+    trace_id: Option<String>,
     _permit: Permit,
     _cancel: tokio_util::sync::DropGuard,
     span: Span,
@@ -532,6 +566,22 @@ impl Job {
         for choice in &choices {
             debug!(output = %truncate(&choice.text), "completion output");
         }
+        if self.trace.is_some() {
+            let recorded = choices
+                .iter()
+                .enumerate()
+                .map(|(index, c)| {
+                    traces::record::choice(
+                        index,
+                        c.text.clone(),
+                        c.finish.map(ApiFinishReason::as_str),
+                        c.tokens,
+                        EntropySummary::of(&c.steps),
+                    )
+                })
+                .collect();
+            self.save_trace(recorded, None, None);
+        }
         let body = match self.endpoint {
             Endpoint::Chat => Json(ChatCompletion {
                 id: self.id.clone(),
@@ -583,7 +633,7 @@ impl Job {
             .into_response(),
         };
         self.log_end("completed");
-        let mut response = body;
+        let mut response = self.with_trace_header(body);
         response.extensions_mut().insert(StreamLogged);
         Ok(response)
     }
@@ -591,8 +641,11 @@ impl Job {
     fn stream(self, events: impl Stream<Item = ChoiceEvent> + Send + Unpin + 'static) -> Response {
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
         let span = Span::current();
+        let trace_id = self.trace_id().map(str::to_string);
         tokio::spawn(self.pump(events, tx).instrument(span));
-        sse_response(rx)
+        let mut response = sse_response(rx);
+        record::insert_trace_header(&mut response, trace_id.as_deref());
+        response
     }
 
     /// Sends the stream's events until it ends, fails, times out or the
@@ -606,6 +659,10 @@ impl Job {
         let mut offsets = vec![0usize; n];
         let mut tokens = vec![0usize; n];
         let mut reasons = Vec::with_capacity(n);
+        let mut finishes = vec![None; n];
+        // Kept only for the trace.
+        let mut texts = vec![String::new(); n];
+        let mut entropies = vec![EntropyTotals::default(); n];
         if self.endpoint == Endpoint::Chat {
             for index in 0..n {
                 let delta = Delta {
@@ -641,6 +698,10 @@ impl Job {
                     self.on_delta(index);
                     let offset = offsets[index];
                     offsets[index] += text.len();
+                    if self.trace.is_some() {
+                        texts[index].push_str(&text);
+                        entropies[index].add(&steps);
+                    }
                     self.delta_chunk(index, text, &steps, offset)
                 }
                 ChoiceEvent::Finished {
@@ -650,6 +711,7 @@ impl Job {
                 } => {
                     tokens[index] = completion_tokens;
                     reasons.push(reason);
+                    finishes[index] = Some(reason);
                     self.finish_chunk(index, reason)
                 }
                 ChoiceEvent::Failed { index, message } => {
@@ -671,6 +733,22 @@ impl Job {
             if !self.send(&tx, last).await {
                 return self.log_end("client disconnected");
             }
+        }
+        if self.trace.is_some() {
+            let recorded = texts
+                .into_iter()
+                .enumerate()
+                .map(|(index, text)| {
+                    traces::record::choice(
+                        index,
+                        text,
+                        finishes[index].map(ApiFinishReason::as_str),
+                        tokens[index],
+                        entropies[index].summary(),
+                    )
+                })
+                .collect();
+            self.save_trace(recorded, None, None);
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         self.log_end("completed");

@@ -1,8 +1,10 @@
 //! HTTP layer: routing, request admission, authentication, observability and
 //! the OpenAI-compatible handlers.
 
+mod admin;
 mod admission;
 mod auth;
+pub mod extraction;
 mod generate;
 mod observe;
 mod routes;
@@ -26,13 +28,16 @@ use axum::{
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use admission::{Admission, Permit};
+pub use generate::TRACE_ID_HEADER;
 
 use crate::{
     api::params::Limits,
     config::Config,
     decoding::{self, handbook::StaticHandbook, BehaviorSource, Strategy},
     engine::Engine,
+    handbook::StoredHandbook,
     metrics::Metrics,
+    traces::{postgres::PostgresStore, sqlite::SqliteStore, Recorder, StoreError, TraceStore},
 };
 
 /// One configured model and, once loaded, its engine.
@@ -75,11 +80,64 @@ pub struct AppState {
     /// Presets by name; `MODEL:PRESET` selects one as a model alias.
     pub presets: BTreeMap<String, Arc<dyn Strategy>>,
     pub behaviors: Arc<dyn BehaviorSource>,
+    /// The trace store; `None` when recording is off.
+    pub traces: Option<Traces>,
+    /// Held by the extraction run in progress, so that runs never overlap.
+    pub extraction: tokio::sync::Mutex<()>,
+}
+
+/// The trace store, the queue in front of it and the handbook kept in it.
+pub struct Traces {
+    pub store: Arc<dyn TraceStore>,
+    pub recorder: Arc<Recorder>,
+    pub handbook: Arc<StoredHandbook>,
+}
+
+impl Traces {
+    /// Opens the store and starts its writer. Runs on a thread of its own,
+    /// because the PostgreSQL client must not block an async thread.
+    fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Self>, StoreError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| Self::open_here(config, metrics))
+                .join()
+                .expect("opening the trace store does not panic")
+        })
+    }
+
+    fn open_here(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Self>, StoreError> {
+        let Some(trace_config) = &config.traces else {
+            return Ok(None);
+        };
+        let store: Arc<dyn TraceStore> = match &trace_config.postgres_url {
+            Some(url) => Arc::new(PostgresStore::connect(
+                url.expose(),
+                "the PostgreSQL store of traces_postgres_url",
+            )?),
+            None => Arc::new(SqliteStore::open(&trace_config.path)?),
+        };
+        let recorder = Arc::new(Recorder::start(
+            store.clone(),
+            trace_config,
+            metrics.clone(),
+        ));
+        let handbook = Arc::new(StoredHandbook::open(
+            store.clone(),
+            recorder.clone(),
+            &config.handbook,
+        )?);
+        Ok(Some(Self {
+            store,
+            recorder,
+            handbook,
+        }))
+    }
 }
 
 impl AppState {
-    /// State with one empty slot per configured model.
-    pub fn new(config: Config) -> Self {
+    /// State with one empty slot per configured model. Fails when the
+    /// trace store cannot be opened.
+    pub fn new(config: Config) -> Result<Self, StoreError> {
         let metrics = Arc::new(Metrics::new());
         let strategy = |value: &serde_json::Value| {
             decoding::parse(value, "decoding").expect("configured strategies are validated")
@@ -116,15 +174,21 @@ impl AppState {
             .iter()
             .map(|(name, value)| (name.clone(), strategy(value)))
             .collect();
-        let behaviors = Arc::new(StaticHandbook::new(config.handbook.clone()));
-        Self {
+        let traces = Traces::open(&config, &metrics)?;
+        let behaviors: Arc<dyn BehaviorSource> = match &traces {
+            Some(traces) => traces.handbook.clone(),
+            None => Arc::new(StaticHandbook::new(config.handbook.clone())),
+        };
+        Ok(Self {
             config,
             models,
             metrics,
             limits,
             presets,
             behaviors,
-        }
+            traces,
+            extraction: tokio::sync::Mutex::new(()),
+        })
     }
 
     pub fn model(&self, name: &str) -> Option<&Arc<ModelSlot>> {
@@ -155,7 +219,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
-        .merge(v1)
+        .merge(v1);
+    // Without a key (or without a store) the admin routes do not exist.
+    if state.config.admin_key.is_some() && state.traces.is_some() {
+        router = router.merge(admin::routes(state.clone()));
+    }
+    let mut router = router
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         // Handlers read the body themselves, with the configured limit, so
@@ -185,6 +254,9 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .expose_headers([header::HeaderName::from_static(observe::REQUEST_ID_HEADER)]),
+            .expose_headers([
+                header::HeaderName::from_static(observe::REQUEST_ID_HEADER),
+                header::HeaderName::from_static(TRACE_ID_HEADER),
+            ]),
     )
 }

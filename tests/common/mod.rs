@@ -98,10 +98,22 @@ pub fn config(adjust: impl FnOnce(&mut ServeArgs)) -> Config {
         model_path: Some(model_path()),
         model_name: Some(MODEL.into()),
         engine: Some(engine_kind()),
+        traces_path: Some(temporary_trace_path()),
+        extraction_interval_secs: Some(0),
         ..ServeArgs::default()
     };
     adjust(&mut args);
     args.resolve().expect("test configuration is valid")
+}
+
+/// Returns a trace store path in a folder that lives as long as the test
+/// binary, so that servers never share a store by accident.
+pub fn temporary_trace_path() -> PathBuf {
+    static FOLDER: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let folder = FOLDER.get_or_init(|| tempfile::tempdir().expect("a temporary folder"));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    folder.path().join(format!("traces-{n}.db"))
 }
 
 pub struct TestServer {
@@ -119,7 +131,7 @@ impl TestServer {
 pub fn start(adjust: impl FnOnce(&mut ServeArgs)) -> TestServer {
     let config = config(adjust);
     let engine = engine();
-    let state = Arc::new(AppState::new(config));
+    let state = Arc::new(AppState::new(config).expect("the trace store opens"));
     for slot in &state.models {
         slot.install(engine.clone());
         slot.mark_ready();

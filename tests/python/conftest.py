@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -18,8 +19,11 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"
 def server_url():
     binary = os.environ.get("MULL_BIN", str(ROOT / "target" / "debug" / "mull"))
     model = os.environ.get("MULL_TEST_MODEL", str(MODEL))
+    traces_dir = tempfile.TemporaryDirectory(prefix="mull-traces-")
+    traces = traces_dir.name
     process = subprocess.Popen(
-        [binary, "serve", "--port", "0", "--model-path", model],
+        [binary, "serve", "--port", "0", "--model-path", model,
+         "--traces-path", os.path.join(traces, "traces.db")],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -53,3 +57,4 @@ def server_url():
     yield address
     process.terminate()
     process.wait(timeout=60)
+    traces_dir.cleanup()

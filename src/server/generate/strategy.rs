@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{error, Instrument, Span};
 
-use super::{Endpoint, Job};
+use super::{record, Endpoint, Job};
 use crate::{
     api::{
         params::GenerationParams,
@@ -24,6 +24,7 @@ use crate::{
     },
     decoding::{self, Context, DecodeError, Input, Output, Strategy},
     generation::ApiFinishReason,
+    traces::EntropySummary,
 };
 
 /// Rejects request settings a strategy cannot honour, before admission.
@@ -36,7 +37,8 @@ pub(super) fn check(
     if strategy.name() == decoding::handbook::NAME && !handbook_loaded {
         return Err(ApiError::invalid(
             "decoding.strategy",
-            "the `handbook` strategy needs behaviors, and this server has none; start it with --handbook-path FILE",
+            "the `handbook` strategy needs behaviors, and this server has none; start it with \
+             --handbook-path FILE or add behaviors through the admin API",
         ));
     }
     if params.n != 1 {
@@ -108,7 +110,26 @@ impl Job {
             .strategy_returned_tokens
             .with_label_values(&[name])
             .inc_by(output.tokens as u64);
-        (usage, decoding::report(strategy, output))
+        let mut report = decoding::report(strategy, output);
+        if let (Some(id), Value::Object(object)) = (self.trace_id(), &mut report) {
+            object.insert("trace_id".into(), id.into());
+        }
+        (usage, report)
+    }
+
+    /// Records the strategy's output and report as the request's trace.
+    fn save_strategy_trace(&mut self, output: &Output, report: &Value) {
+        if self.trace.is_none() {
+            return;
+        }
+        let choice = crate::traces::record::choice(
+            0,
+            output.text.clone(),
+            Some(output.finish.as_str()),
+            output.tokens,
+            EntropySummary::of(&output.steps),
+        );
+        self.save_trace(vec![choice], Some(report.clone()), Some(output.spent));
     }
 
     pub(super) async fn run_strategy(self, strategy: Arc<dyn Strategy>, input: Input) -> Response {
@@ -138,7 +159,8 @@ impl Job {
             .map_err(decode_error)?;
         self.on_delta(0);
         let (usage, report) = self.finish_strategy(strategy.as_ref(), &output);
-        let mut response = match self.endpoint {
+        self.save_strategy_trace(&output, &report);
+        let response = match self.endpoint {
             Endpoint::Chat => Json(ChatCompletion {
                 id: self.id.clone(),
                 object: "chat.completion",
@@ -174,6 +196,7 @@ impl Job {
             .into_response(),
         };
         self.log_end("completed");
+        let mut response = self.with_trace_header(response);
         response.extensions_mut().insert(super::StreamLogged);
         Ok(response)
     }
@@ -181,8 +204,11 @@ impl Job {
     fn stream_strategy(self, strategy: Arc<dyn Strategy>, input: Input) -> Response {
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
         let span = Span::current();
+        let trace_id = self.trace_id().map(str::to_string);
         tokio::spawn(self.pump_strategy(strategy, input, tx).instrument(span));
-        super::sse_response(rx)
+        let mut response = super::sse_response(rx);
+        record::insert_trace_header(&mut response, trace_id.as_deref());
+        response
     }
 
     async fn pump_strategy(
@@ -249,6 +275,7 @@ impl Job {
             }
         }
         let (usage, report) = self.finish_strategy(strategy.as_ref(), &output);
+        let report_for_trace = report.clone();
         let last = self.strategy_finish_chunk(output.finish, report);
         if !self.send(&tx, last).await {
             return self.log_end("client disconnected");
@@ -256,6 +283,7 @@ impl Job {
         if self.params.include_usage && !self.send(&tx, self.usage_chunk(usage)).await {
             return self.log_end("client disconnected");
         }
+        self.save_strategy_trace(&output, &report_for_trace);
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         self.log_end("completed");
     }
