@@ -86,8 +86,15 @@ async fn choices_reuse_the_computed_prompt() {
     let (hits_before, sequences_before) = engine
         .prefix_cache_stats()
         .expect("the llama engine counts cache hits");
-    let text = "A list of the rivers of Europe, from the longest: the Volga, the";
+    // Longer than the prefix below which the engine computes a prompt again
+    // rather than copying another slot's cache.
+    let text = "The rivers of Europe, listed from the longest to the shortest, with the \
+        countries each one flows through, the cities on its banks, the sea it \
+        reaches, and a short note on its history, its bridges, its floods and the \
+        trade that moved along it over the centuries, starting with the longest \
+        river of all, which flows through Russia into the Caspian Sea: the Volga, the";
     let prompt = prompt(engine.as_ref(), text).await;
+    assert!(prompt.len() > 70, "{} tokens", prompt.len());
     let results = run(engine.as_ref(), request(prompt, 4, 11, 8)).await;
     assert_eq!(results.len(), 4);
     for (tokens, _) in &results {
