@@ -91,8 +91,8 @@ def main():
     llama_server, model, rounds, threads, max_tokens = sys.argv[1:6]
     rounds, threads, max_tokens = int(rounds), int(threads), int(max_tokens)
     model = Path(model).resolve()
-    # Each level gets twice its concurrency in requests, at least 8.
-    requests = 2 * SLOTS
+    # Each level gets 16 requests, the highest concurrency.
+    requests = SLOTS
 
     servers = {}
     try:
