@@ -1,7 +1,7 @@
 //! `mull bench`: a load generator for any OpenAI-compatible server.
 //!
 //! It streams chat completions from a fixed prompt set at each requested
-//! concurrency and reports what vLLM's serving benchmark reports: output
+//! concurrency. It reports the measures of vLLM's serving benchmark: output
 //! tokens and requests per second, and time to first token, time per output
 //! token, inter-token latency and end-to-end latency at p50 and p99.
 
@@ -20,8 +20,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-/// Requests of the fixed prompt set; each asks for a long answer so that
-/// most runs reach `max_tokens`.
+/// The fixed prompt set. Each prompt requests a long answer, so that most
+/// runs reach `max_tokens`.
 const PROMPTS: &[&str] = &[
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
     "Explain in detail how a bicycle works, part by part.",
