@@ -1,7 +1,7 @@
 """Serving speed of mull side by side with llama.cpp's llama-server.
 
 Starts mull on each engine and llama-server on the same GGUF file with the
-same thread count, then runs `mull bench` against them in turn, A B C A B C,
+same thread count. Then runs `mull bench` against them in turn, A B C A B C,
 for several rounds, so that machine noise hits every server alike. Writes
 the serving section of BENCHMARKS.md (medians over rounds and ratios to
 llama-server) and the raw results to target/bench-serving.json.
@@ -66,7 +66,7 @@ STRATEGY_CONCURRENCY = [4]
 
 
 def bench(url, model_id, label, max_tokens, requests, concurrency=CONCURRENCY, extra=None):
-    """One `mull bench` run over the given concurrency levels."""
+    """Runs `mull bench` once over the given concurrency levels."""
     command = [str(ROOT / "target/release/mull"), "bench", "--url", url, "--model", model_id,
                "--concurrency", ",".join(map(str, concurrency)), "--requests", str(requests),
                "--max-tokens", str(max_tokens), "--label", label]

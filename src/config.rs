@@ -424,6 +424,12 @@ impl ServeArgs {
             }
         }
         let mut models = Vec::new();
+        let context_length = self.context_length.unwrap_or(4096);
+        if context_length < 256 {
+            errors.push(format!(
+                "context_length: {context_length} is too small, use at least 256"
+            ));
+        }
         for (i, entry) in entries.into_iter().enumerate() {
             let field = |name: &str| format!("models[{i}].{name}");
             let dtype = entry.dtype.unwrap_or_else(|| default_dtype.clone());
@@ -509,10 +515,6 @@ impl ServeArgs {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             if threads == 0 {
                 errors.push(format!("{}: must be at least 1", field("threads")));
-            }
-            let context_length = self.context_length.unwrap_or(4096);
-            if context_length < 256 {
-                errors.push("context_length: must be at least 256".to_string());
             }
             let max_batch_size = entry
                 .max_batch_size

@@ -435,8 +435,8 @@ impl Scheduler<'_> {
         }
     }
 
-    /// The idle slot to reuse for `prompt`: the one holding the longest
-    /// prefix of it, else the least recently used.
+    /// Picks the idle slot for `prompt`: the one containing the longest
+    /// prefix of it when that prefix is worth keeping, else the lowest id.
     fn free_slot(&self, prompt: &[u32]) -> Option<usize> {
         let free = || {
             self.slots
@@ -527,8 +527,8 @@ impl Scheduler<'_> {
         }
     }
 
-    /// One decode call over every running sequence, then one sampled token
-    /// for each sequence whose pending tokens are all in the cache.
+    /// Runs one decode call over every running sequence, then samples one
+    /// token for each sequence whose pending tokens are all in the cache.
     fn step(&mut self) {
         self.batch.clear();
         // (slot, tokens added, batch index of the logits row)
@@ -625,9 +625,9 @@ impl Scheduler<'_> {
         );
     }
 
-    /// A decode call failed, most likely for want of free KV cells. Idle
-    /// slots give theirs up first; if none hold any, the sequence that
-    /// started last fails so that the others can go on.
+    /// Recovers from a failed decode call. Idle slots give up their cache
+    /// first; if none contains any, the sequence that started last fails so
+    /// that the others can go on.
     fn recover(&mut self, error: String, plan: &[(usize, usize, Option<i32>)]) {
         let idle: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].running.is_none() && !self.slots[i].cached.is_empty())

@@ -104,8 +104,8 @@ impl GgufVocab {
         tokens
     }
 
-    /// The text of a token as the vocabulary spells it, control tokens
-    /// included.
+    /// Returns the text of a token as the vocabulary spells it, control
+    /// tokens included.
     pub fn token_text(&self, token: Option<u32>) -> String {
         token
             .and_then(|t| self.by_text.iter().find(|(_, &id)| id == t))

@@ -60,8 +60,8 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
-/// The engine under test: `MULL_TEST_ENGINE` names it (llama, the default,
-/// or mistralrs), so that the same tests run on both.
+/// Returns the engine under test, named by `MULL_TEST_ENGINE` (llama, the
+/// default, or mistralrs), so that the same tests run on both.
 pub fn engine_kind() -> String {
     std::env::var("MULL_TEST_ENGINE").unwrap_or_else(|_| "llama".into())
 }
