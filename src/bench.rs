@@ -193,7 +193,10 @@ impl Target {
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            bail!("HTTP {status}: {}", text.chars().take(300).collect::<String>());
+            bail!(
+                "HTTP {status}: {}",
+                text.chars().take(300).collect::<String>()
+            );
         }
         let mut stream = response.bytes_stream();
         let mut buffer = Vec::new();
@@ -251,7 +254,10 @@ impl Target {
 /// End of the first complete SSE event in `buffer` (after its blank line).
 fn find_event_end(buffer: &[u8]) -> Option<usize> {
     let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buffer.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -310,7 +316,10 @@ fn summarize(concurrency: usize, duration: f64, samples: &[Sample], failed: usiz
             .filter(|s| s.output_tokens > 1)
             .map(|s| (s.e2e - s.ttft) / (s.output_tokens - 1) as f64)
             .collect()),
-        itl_ms: ms(samples.iter().flat_map(|s| s.gaps.iter().copied()).collect()),
+        itl_ms: ms(samples
+            .iter()
+            .flat_map(|s| s.gaps.iter().copied())
+            .collect()),
         e2e_ms: ms(samples.iter().map(|s| s.e2e).collect()),
     }
 }
@@ -325,7 +334,8 @@ fn percentiles(mut values: Vec<f64>) -> Percentiles {
         };
     }
     values.sort_by(f64::total_cmp);
-    let rank = |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+    let rank =
+        |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
     Percentiles {
         p50: rank(0.50),
         p99: rank(0.99),

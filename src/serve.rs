@@ -123,6 +123,7 @@ async fn warm_up(slot: &ModelSlot, engine: &dyn Engine) {
         top_logprobs: 0,
         keep_distribution: false,
         cancel: CancellationToken::new(),
+        cached_prompt_tokens: Default::default(),
     };
     let mut continuation = match engine.generate(request) {
         Ok(mut c) => c.remove(0),

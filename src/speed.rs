@@ -77,6 +77,7 @@ async fn time_generation(
             top_logprobs: 0,
             keep_distribution: false,
             cancel: CancellationToken::new(),
+            cached_prompt_tokens: Default::default(),
         })?
         .remove(0);
     let mut first = None;

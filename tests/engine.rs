@@ -26,6 +26,7 @@ fn request(prompt: Vec<u32>, n: usize, seed: u64, max_tokens: usize) -> Generate
         top_logprobs: 0,
         keep_distribution: false,
         cancel: CancellationToken::new(),
+        cached_prompt_tokens: Default::default(),
     }
 }
 
@@ -100,7 +101,9 @@ async fn choices_reuse_the_computed_prompt() {
     for (tokens, _) in &results {
         assert!(!tokens.is_empty());
     }
-    let (hits, sequences) = engine.prefix_cache_stats().expect("stats were there before");
+    let (hits, sequences) = engine
+        .prefix_cache_stats()
+        .expect("stats were there before");
     assert!(sequences >= sequences_before + 4);
     // The three siblings of the first sequence start from its prompt.
     assert!(hits >= hits_before + 3, "{hits} hits, {hits_before} before");
@@ -120,7 +123,10 @@ async fn more_sequences_than_slots_all_finish() {
         );
     }
     let distinct: HashSet<&Vec<u32>> = results.iter().map(|(t, _)| t).collect();
-    assert!(distinct.len() > 1, "20 samples at temperature 0.9 all equal");
+    assert!(
+        distinct.len() > 1,
+        "20 samples at temperature 0.9 all equal"
+    );
 }
 
 #[tokio::test]

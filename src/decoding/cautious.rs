@@ -14,7 +14,13 @@
 //! already computed, and every trial and clause extends a prefix that the
 //! engine has just processed, which its prefix cache serves.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use async_trait::async_trait;
 use futures::future::join_all;
@@ -153,6 +159,9 @@ struct Run<'a> {
     tokens: Vec<u32>,
     steps: Vec<TokenStep>,
     spent: Spent,
+    /// Prompt tokens the engine took from its prefix cache, over every
+    /// probe and trial of this run.
+    cached: Arc<AtomicUsize>,
     branch_points: usize,
     trials: usize,
     entropies: Vec<f32>,
@@ -171,6 +180,7 @@ impl Run<'_> {
             top_logprobs: 0,
             keep_distribution: keep,
             cancel: self.input.cancel.clone(),
+            cached_prompt_tokens: self.cached.clone(),
         }
     }
 
@@ -272,6 +282,7 @@ impl Strategy for Cautious {
             tokens: input.prompt.clone(),
             steps: Vec::new(),
             spent: Spent::default(),
+            cached: Default::default(),
             branch_points: 0,
             trials: 0,
             entropies: Vec::new(),
@@ -344,7 +355,10 @@ impl Strategy for Cautious {
             steps: kept,
             finish,
             tokens: run.steps.len(),
-            spent: run.spent,
+            spent: Spent {
+                cached_prompt_tokens: run.cached.load(Ordering::Relaxed),
+                ..run.spent
+            },
             report,
             streamed: ctx.stream.is_some(),
         })

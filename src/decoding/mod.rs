@@ -53,12 +53,15 @@ pub struct Input {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Spent {
     pub prompt_tokens: usize,
+    /// Of `prompt_tokens`, those the engine took from its prefix cache.
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
 }
 
 impl std::ops::AddAssign for Spent {
     fn add_assign(&mut self, other: Self) {
         self.prompt_tokens += other.prompt_tokens;
+        self.cached_prompt_tokens += other.cached_prompt_tokens;
         self.generated_tokens += other.generated_tokens;
     }
 }
@@ -309,6 +312,7 @@ pub fn report(strategy: &dyn Strategy, output: &Output) -> Value {
         "engine_tokens".into(),
         serde_json::json!({
             "prompt": output.spent.prompt_tokens,
+            "prompt_cached": output.spent.cached_prompt_tokens,
             "generated": output.spent.generated_tokens,
             "returned": output.tokens,
         }),

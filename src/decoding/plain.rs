@@ -1,7 +1,7 @@
 //! Plain sampling: one continuation with the request's settings. Also the
 //! building block the other strategies sample with.
 
-use std::sync::Arc;
+use std::sync::{atomic::Ordering, Arc};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -73,7 +73,9 @@ pub async fn sample(
         top_logprobs: 0,
         keep_distribution: false,
         cancel: input.cancel.clone(),
+        cached_prompt_tokens: Default::default(),
     };
+    let cached = request.cached_prompt_tokens.clone();
     let mut events = run_choices(ctx.engine.clone(), request, input.stops.clone())?;
     let mut paths: Vec<Path> = (0..n).map(|_| Path::empty()).collect();
     let stream = ctx.stream.as_ref().filter(|_| n == 1);
@@ -99,6 +101,7 @@ pub async fn sample(
     }
     let spent = Spent {
         prompt_tokens: input.prompt.len() * n,
+        cached_prompt_tokens: cached.load(Ordering::Relaxed),
         generated_tokens: paths.iter().map(|p| p.tokens).sum(),
     };
     Ok((paths, spent))

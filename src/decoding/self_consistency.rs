@@ -9,7 +9,10 @@
 //! picks the most consistent response (universal self-consistency, Chen et
 //! al., 2023).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+};
 
 use async_trait::async_trait;
 use futures::{stream::FuturesUnordered, StreamExt};
@@ -156,7 +159,9 @@ impl SelfConsistency {
             top_logprobs: 0,
             keep_distribution: false,
             cancel: input.cancel.child_token(),
+            cached_prompt_tokens: Default::default(),
         };
+        let cached = request.cached_prompt_tokens.clone();
         let mut events = run_choices(ctx.engine.clone(), request, input.stops.clone())?;
         let mut paths: Vec<Path> = (0..self.samples).map(|_| Path::empty()).collect();
         let mut finished = Vec::new();
@@ -197,6 +202,7 @@ impl SelfConsistency {
         let generated = paths.iter().map(|p| p.tokens.max(p.steps.len())).sum();
         let spent = Spent {
             prompt_tokens: input.prompt.len() * self.samples,
+            cached_prompt_tokens: cached.load(Ordering::Relaxed),
             generated_tokens: generated,
         };
         Ok((finished, spent, saved))

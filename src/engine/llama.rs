@@ -115,6 +115,7 @@ struct NewSequence {
     /// Sequences of one request share a group, so that siblings wait for
     /// the first one's prompt instead of each computing it.
     group: u64,
+    cached_prompt_tokens: Arc<AtomicUsize>,
 }
 
 enum Command {
@@ -310,6 +311,7 @@ impl Engine for LlamaEngine {
                 events: events_tx,
                 cancel: cancel.clone(),
                 group,
+                cached_prompt_tokens: request.cached_prompt_tokens.clone(),
             });
             continuations.push(Continuation { events, cancel });
         }
@@ -366,9 +368,7 @@ impl Scheduler<'_> {
                     Ok(command) => self.accept(command),
                     Err(std_mpsc::TryRecvError::Empty) => break,
                     Err(std_mpsc::TryRecvError::Disconnected) => {
-                        if self.queue.is_empty()
-                            && self.slots.iter().all(|s| s.running.is_none())
-                        {
+                        if self.queue.is_empty() && self.slots.iter().all(|s| s.running.is_none()) {
                             return;
                         }
                         break;
@@ -390,7 +390,11 @@ impl Scheduler<'_> {
     /// Ends cancelled sequences, running or queued.
     fn drop_cancelled(&mut self) {
         for slot in &mut self.slots {
-            if slot.running.as_ref().is_some_and(|r| r.seq.cancel.is_cancelled()) {
+            if slot
+                .running
+                .as_ref()
+                .is_some_and(|r| r.seq.cancel.is_cancelled())
+            {
                 let running = slot.running.take().expect("checked above");
                 let _ = running
                     .seq
@@ -401,7 +405,9 @@ impl Scheduler<'_> {
         self.queue.retain(|seq| {
             let cancelled = seq.cancel.is_cancelled();
             if cancelled {
-                let _ = seq.events.send(StepEvent::Finished(FinishReason::Cancelled));
+                let _ = seq
+                    .events
+                    .send(StepEvent::Finished(FinishReason::Cancelled));
             }
             !cancelled
         });
@@ -418,9 +424,9 @@ impl Scheduler<'_> {
             };
             let group = self.queue[index].group;
             let sibling_busy = self.slots.iter().any(|slot| {
-                slot.running.as_ref().is_some_and(|r| {
-                    r.seq.group == group && slot.cached.len() < r.seq.prompt.len()
-                })
+                slot.running
+                    .as_ref()
+                    .is_some_and(|r| r.seq.group == group && slot.cached.len() < r.seq.prompt.len())
             });
             if sibling_busy {
                 index += 1;
@@ -495,8 +501,15 @@ impl Scheduler<'_> {
         self.stats.sequences.fetch_add(1, Ordering::Relaxed);
         if reused > 0 {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            seq.cached_prompt_tokens
+                .fetch_add(reused, Ordering::Relaxed);
         }
-        debug!(slot = slot_index, reused, prompt = prompt.len(), "sequence started");
+        debug!(
+            slot = slot_index,
+            reused,
+            prompt = prompt.len(),
+            "sequence started"
+        );
         self.clock += 1;
         let slot = &mut self.slots[slot_index];
         slot.last_used = self.clock;
@@ -511,9 +524,9 @@ impl Scheduler<'_> {
     fn remove_from(&mut self, slot_index: usize, keep: usize) {
         let slot = &mut self.slots[slot_index];
         if slot.cached.len() > keep {
-            let removed = self
-                .context
-                .clear_kv_cache_seq(Some(slot_index as u32), Some(keep as u32), None);
+            let removed =
+                self.context
+                    .clear_kv_cache_seq(Some(slot_index as u32), Some(keep as u32), None);
             if !matches!(removed, Ok(true)) {
                 // A partial removal can fail; dropping the whole sequence
                 // cannot.
@@ -593,10 +606,10 @@ impl Scheduler<'_> {
             let slot = &mut self.slots[i];
             let running = slot.running.as_mut().expect("planned slots are running");
             let start = slot.cached.len();
-            slot.cached.extend_from_slice(&running.tokens[start..start + take]);
+            slot.cached
+                .extend_from_slice(&running.tokens[start..start + take]);
             let Some(row) = logits else { continue };
-            let mut values = self.context.get_logits_ith(row).to_vec();
-            let step = running.seq.sampler.sample(&mut values);
+            let step = running.seq.sampler.sample(self.context.get_logits_ith(row));
             let token = step.token;
             running.generated += 1;
             running.tokens.push(token);
@@ -666,4 +679,3 @@ const RECOMPUTE_RATHER_THAN_COPY: usize = 64;
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
-

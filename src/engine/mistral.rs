@@ -392,8 +392,8 @@ impl CustomLogitsProcessor for StepProcessor {
             return self.only(self.forced_eos, logits);
         }
         let generated = context.len().saturating_sub(state.prompt_len);
-        let mut values: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let step = state.sampler.sample(&mut values);
+        let values: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let step = state.sampler.sample(&values);
         let token = step.token;
         let _ = self.events.send(StepEvent::Token(step));
         let reason = if self.eos_tokens.contains(&token) {

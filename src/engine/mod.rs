@@ -14,7 +14,10 @@ pub mod scripted;
 pub mod template;
 pub mod vocab;
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::{atomic::AtomicUsize, Arc},
+};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -64,6 +67,10 @@ pub struct GenerateRequest {
     pub keep_distribution: bool,
     /// Cancels every continuation of this request.
     pub cancel: CancellationToken,
+    /// The engine adds here, for each continuation as it starts, the prompt
+    /// tokens it took from its prefix cache instead of computing them.
+    /// Engines without such a cache leave it at zero.
+    pub cached_prompt_tokens: Arc<AtomicUsize>,
 }
 
 /// One sampled token.

@@ -101,7 +101,8 @@ mod tests {
 
     #[test]
     fn raise_exception_becomes_an_error() {
-        let source = "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}ok";
+        let source =
+            "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}ok";
         let template = ChatTemplate::new(source, "", "").unwrap();
         let error = template.render(&[turn("tool", "x")], true).unwrap_err();
         assert!(error.contains("no tools"), "{error}");
@@ -112,6 +113,9 @@ mod tests {
     fn python_string_methods_work() {
         let source = "{{ messages[0]['content'].strip() }}";
         let template = ChatTemplate::new(source, "", "").unwrap();
-        assert_eq!(template.render(&[turn("user", "  a b ")], false).unwrap(), "a b");
+        assert_eq!(
+            template.render(&[turn("user", "  a b ")], false).unwrap(),
+            "a b"
+        );
     }
 }

@@ -4,7 +4,11 @@
 //! the server detokenizes every step locally instead of asking the engine.
 
 use std::{
-    collections::{HashMap, HashSet}, fs::File, io::BufReader, path::Path};
+    collections::{HashMap, HashSet},
+    fs::File,
+    io::BufReader,
+    path::Path,
+};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 

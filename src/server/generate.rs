@@ -356,6 +356,7 @@ async fn generate(
         top_logprobs: params.logprobs.unwrap_or(0),
         keep_distribution: false,
         cancel,
+        cached_prompt_tokens: Default::default(),
     };
     let events = match run_choices(job.engine.clone(), request, params.stop.clone()) {
         Ok(events) => events,

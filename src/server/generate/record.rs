@@ -122,6 +122,7 @@ impl Job {
         let completion_tokens = choices.iter().map(|c| c.tokens).sum();
         let spent = spent.unwrap_or(Spent {
             prompt_tokens: self.prompt_tokens,
+            cached_prompt_tokens: 0,
             generated_tokens: completion_tokens,
         });
         let usage = traces::Usage {
