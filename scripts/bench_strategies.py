@@ -10,7 +10,12 @@ them alike. Progress goes to stderr.
 Usage: bench_strategies.py MODEL.gguf LABEL [N] [MAX_TOKENS]
 
 The server runs on the default engine (llama) unless MULL_ENGINE names
-another.
+another. BENCH_MINUTES, when set, ends the run after the first question
+that finishes past that many minutes; the table then covers the questions
+done. BENCH_CONFIGS, a comma-separated list, runs only those decodings
+(greedy is always run, as the baseline). Each question's results are
+appended to
+target/bench-strategies-LABEL.jsonl as they come.
 """
 
 import json
@@ -47,9 +52,9 @@ def number(text):
     return value[:-2] if value.endswith(".0") else value
 
 
-def ask(url, question, config, max_tokens):
+def ask(url, model, question, config, max_tokens):
     body = {
-        "model": "smollm2-135m",
+        "model": model,
         "messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "seed": 1,
@@ -65,7 +70,7 @@ def ask(url, question, config, max_tokens):
     tokens = usage["prompt_tokens"] + usage["completion_tokens"]
     if "decoding" in reply:
         spent = reply["decoding"]["engine_tokens"]
-        tokens = spent["prompt"] + spent["generated"]
+        tokens = spent["prompt"] - spent.get("prompt_cached", 0) + spent["generated"]
     return reply["choices"][0]["message"]["content"], tokens, elapsed
 
 
@@ -74,24 +79,43 @@ def main():
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 20
     max_tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 160
     rows = [json.loads(line) for line in DEV.open()][:count]
-    results = {name: {"correct": 0, "tokens": 0, "seconds": 0.0} for name in CONFIGS}
-    server, url = start_server(model, "--request-timeout-secs", "3600")
+    budget = float(os.environ["BENCH_MINUTES"]) * 60 if "BENCH_MINUTES" in os.environ else None
+    chosen = os.environ.get("BENCH_CONFIGS")
+    configs = {name: config for name, config in CONFIGS.items()
+               if chosen is None or name == "greedy" or name in chosen.split(",")}
+    results = {name: {"correct": 0, "tokens": 0, "seconds": 0.0} for name in configs}
+    log = ROOT / "target" / f"bench-strategies-{label}.jsonl"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text("")
+    begin = time.perf_counter()
+    done = 0
+    server, url = start_server(model, "--request-timeout-secs", "3600", "--model-name", label)
     try:
         for i, row in enumerate(rows):
             gold = row["answer"].split("####")[-1].strip().replace(",", "")
-            for name, config in CONFIGS.items():
-                text, tokens, seconds = ask(url, row["question"], config, max_tokens)
+            for name, config in configs.items():
+                text, tokens, seconds = ask(url, label, row["question"], config, max_tokens)
+                right = number(text) == gold
                 result = results[name]
-                result["correct"] += number(text) == gold
+                result["correct"] += right
                 result["tokens"] += tokens
                 result["seconds"] += seconds
+                with log.open("a") as out:
+                    record = {"question": i, "decoding": name, "right": right,
+                              "tokens": tokens, "seconds": seconds, "text": text}
+                    out.write(json.dumps(record) + "\n")
                 print(f"bench-strategies: {label} question {i + 1}/{count} {name}: "
-                      f"{seconds:.1f} s, {'right' if number(text) == gold else 'wrong'}",
+                      f"{seconds:.1f} s, {'right' if right else 'wrong'}",
                       file=sys.stderr)
+            done = i + 1
+            if budget is not None and time.perf_counter() - begin > budget:
+                print(f"bench-strategies: {label}: time budget spent after {done} questions",
+                      file=sys.stderr)
+                break
     finally:
         server.terminate()
         server.wait()
-    write(label, count, max_tokens, results)
+    write(label, done, max_tokens, results)
 
 
 def write(label, count, max_tokens, results):
