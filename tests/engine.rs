@@ -96,7 +96,9 @@ async fn choices_reuse_the_computed_prompt() {
         river of all, which flows through Russia into the Caspian Sea: the Volga, the";
     let prompt = prompt(engine.as_ref(), text).await;
     assert!(prompt.len() > 70, "{} tokens", prompt.len());
-    let results = run(engine.as_ref(), request(prompt, 4, 11, 8)).await;
+    let four = request(prompt.clone(), 4, 11, 8);
+    let cached = four.cached_prompt_tokens.clone();
+    let results = run(engine.as_ref(), four).await;
     assert_eq!(results.len(), 4);
     for (tokens, _) in &results {
         assert!(!tokens.is_empty());
@@ -105,8 +107,15 @@ async fn choices_reuse_the_computed_prompt() {
         .prefix_cache_stats()
         .expect("stats were there before");
     assert!(sequences >= sequences_before + 4);
-    // The three siblings of the first sequence start from its prompt.
+    // The three siblings of the first sequence start from its prompt, all
+    // but the last token, which is decoded again for its logits.
     assert!(hits >= hits_before + 3, "{hits} hits, {hits_before} before");
+    let cached = cached.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        cached >= 3 * (prompt.len() - 1),
+        "{cached} cached prompt tokens for a {}-token prompt",
+        prompt.len()
+    );
 }
 
 #[tokio::test]

@@ -200,8 +200,7 @@ impl LlamaEngine {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(()));
-                Scheduler {
+                let mut scheduler = Scheduler {
                     context,
                     batch: LlamaBatch::new(config.batch_tokens.max(slots), 1),
                     batch_tokens: config.batch_tokens.max(slots),
@@ -211,8 +210,13 @@ impl LlamaEngine {
                     context_length,
                     stats: thread_stats,
                     clock: 0,
+                    costs: Costs::default(),
+                };
+                if slots > 1 {
+                    scheduler.measure_copy();
                 }
-                .run(receiver);
+                let _ = ready_tx.send(Ok(()));
+                scheduler.run(receiver);
             })
             .map_err(|e| load_error(e.to_string()))?;
         ready_rx
@@ -351,9 +355,91 @@ struct Scheduler<'a> {
     context_length: usize,
     stats: Arc<CacheStats>,
     clock: u64,
+    costs: Costs,
+}
+
+/// Measured costs that decide whether a slot copies another slot's KV
+/// buffer or computes the shared prefix again.
+#[derive(Default)]
+struct Costs {
+    /// Milliseconds one cross-slot copy adds to the next decode call.
+    copy_ms: Option<f64>,
+    /// Milliseconds per token of a decode call with many tokens, a moving
+    /// average over recent prompt-heavy steps.
+    token_ms: Option<f64>,
+}
+
+impl Costs {
+    /// Returns whether copying beats computing `tokens` more prefix tokens.
+    fn copy_pays(&self, tokens: usize) -> bool {
+        match (self.copy_ms, self.token_ms) {
+            (Some(copy), Some(token)) => tokens as f64 * token > copy,
+            _ => tokens > RECOMPUTE_RATHER_THAN_COPY,
+        }
+    }
+
+    fn record_step(&mut self, tokens: usize, elapsed: std::time::Duration) {
+        if tokens < PROMPT_HEAVY_STEP {
+            return;
+        }
+        let per_token = elapsed.as_secs_f64() * 1000.0 / tokens as f64;
+        self.token_ms = Some(match self.token_ms {
+            Some(average) => 0.8 * average + 0.2 * per_token,
+            None => per_token,
+        });
+    }
 }
 
 impl Scheduler<'_> {
+    /// Measures what a cross-slot copy costs. llama.cpp can defer the copy
+    /// to the start of the next decode call, so the cost is the copy call
+    /// plus that decode call, minus the same decode call without a copy
+    /// (median of three).
+    fn measure_copy(&mut self) {
+        let decode_at = |scheduler: &mut Self, position: i32| {
+            scheduler.batch.clear();
+            scheduler
+                .batch
+                .add(LlamaToken(0), position, &[0], true)
+                .map_err(|e| e.to_string())?;
+            let begin = std::time::Instant::now();
+            scheduler
+                .context
+                .decode(&mut scheduler.batch)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(begin.elapsed().as_secs_f64() * 1000.0)
+        };
+        let mut measure = || -> Result<f64, String> {
+            decode_at(self, 0)?;
+            let mut extra = Vec::new();
+            for round in 0..3 {
+                let plain = decode_at(self, 1 + 2 * round)?;
+                let _ = self.context.clear_kv_cache_seq(Some(1), None, None);
+                let begin = std::time::Instant::now();
+                self.context
+                    .copy_kv_cache_seq(0, 1, None, None)
+                    .map_err(|e| e.to_string())?;
+                let call = begin.elapsed().as_secs_f64() * 1000.0;
+                let copied = decode_at(self, 2 + 2 * round)?;
+                extra.push(call + (copied - plain).max(0.0));
+            }
+            extra.sort_by(f64::total_cmp);
+            Ok(extra[1])
+        };
+        match measure() {
+            Ok(copy_ms) => {
+                debug!(copy_ms, "measured the cost of a KV copy between slots");
+                self.costs.copy_ms = Some(copy_ms);
+            }
+            Err(error) => {
+                warn!(%error, "measuring the KV copy cost failed, so a fixed threshold decides copies")
+            }
+        }
+        for slot in [0, 1] {
+            let _ = self.context.clear_kv_cache_seq(Some(slot), None, None);
+        }
+    }
+
     fn run(mut self, commands: std_mpsc::Receiver<Command>) {
         loop {
             let idle = self.queue.is_empty() && self.slots.iter().all(|s| s.running.is_none());
@@ -419,7 +505,7 @@ impl Scheduler<'_> {
     fn admit(&mut self) {
         let mut index = 0;
         while index < self.queue.len() {
-            let Some(free) = self.free_slot(&self.queue[index].prompt) else {
+            let Some(free) = self.free_slot() else {
                 return;
             };
             let group = self.queue[index].group;
@@ -441,25 +527,12 @@ impl Scheduler<'_> {
         }
     }
 
-    /// Picks the idle slot for `prompt`: the one containing the longest
-    /// prefix of it when that prefix is worth keeping, else the lowest id.
-    fn free_slot(&self, prompt: &[u32]) -> Option<usize> {
-        let free = || {
-            self.slots
-                .iter()
-                .enumerate()
-                .filter(|(_, slot)| slot.running.is_none())
-        };
-        let (best, shared) = free()
-            .map(|(i, slot)| (i, common_prefix(&slot.cached, prompt)))
-            .max_by_key(|&(i, shared)| (shared, usize::MAX - i))?;
-        if shared > RECOMPUTE_RATHER_THAN_COPY {
-            return Some(best);
-        }
-        // llama.cpp decodes sequences with separate KV buffers in one pass
-        // only when their ids are consecutive, so busy slots are kept
-        // together at the low ids.
-        free().map(|(i, _)| i).next()
+    /// Picks the lowest idle slot id. llama.cpp decodes sequences with
+    /// separate KV buffers in one pass only when their ids are consecutive,
+    /// so busy slots are kept together at the low ids, and [`Self::start`]
+    /// copies a cached prefix from another slot when that pays.
+    fn free_slot(&self) -> Option<usize> {
+        self.slots.iter().position(|slot| slot.running.is_none())
     }
 
     fn start(&mut self, slot_index: usize, seq: NewSequence) {
@@ -474,7 +547,7 @@ impl Scheduler<'_> {
             .filter(|(i, _)| *i != slot_index)
             .map(|(i, slot)| (i, common_prefix(&slot.cached, prompt).min(limit)))
             .max_by_key(|&(_, n)| n)
-            .filter(|&(_, n)| n > own + RECOMPUTE_RATHER_THAN_COPY)
+            .filter(|&(_, n)| n > own && self.costs.copy_pays(n - own))
             .unwrap_or((slot_index, own));
 
         if source == slot_index {
@@ -600,6 +673,8 @@ impl Scheduler<'_> {
             return;
         }
         let decode_time = decode_start.elapsed();
+        self.costs
+            .record_step(self.batch.n_tokens() as usize, decode_time);
         let sample_start = std::time::Instant::now();
 
         for (i, take, logits) in plan {
@@ -668,13 +743,14 @@ impl Scheduler<'_> {
 }
 
 /// Prefix tokens a slot computes again rather than copying another slot's
-/// whole KV buffer to get them. A copy moves every layer's buffer (94 MB for
-/// SmolLM2-135M at 4096 tokens), while a few more tokens in a batched decode
-/// call cost little. Cautious trials mostly differ from the slot they reuse
-/// by the tokens since the last branch point, and chat prompts share their
-/// system prompt, which is shorter than this.
-/// NOTE: an estimate, not tuned by measurement.
+/// whole KV buffer (94 MB for SmolLM2-135M at 4096 tokens) to get them,
+/// until [`Costs`] has measured both sides.
+/// NOTE: an estimate, used only before the first prompt-heavy step.
 const RECOMPUTE_RATHER_THAN_COPY: usize = 64;
+
+/// Tokens a decode call needs before its time per token counts as the cost
+/// of computing a prefix. Smaller calls are dominated by fixed costs.
+const PROMPT_HEAVY_STEP: usize = 32;
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
