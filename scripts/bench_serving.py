@@ -6,6 +6,11 @@ for several rounds, so that machine noise hits every server alike. Writes
 the serving section of BENCHMARKS.md (medians over rounds and ratios to
 llama-server) and the raw results to target/bench-serving.json.
 
+It then measures, one round each, the llama engine against llama-server
+with the other quantization formats of the default model (Q4_0 and Q8_0
+files next to MODEL) and with one thread, and in-process, per format, how
+much a decode step of 5 and 16 sequences costs against a step of one.
+
     python3 scripts/bench_serving.py LLAMA_SERVER MODEL ROUNDS THREADS MAX_TOKENS
 """
 
@@ -76,15 +81,47 @@ def bench(url, model_id, label, max_tokens, requests, concurrency=CONCURRENCY, e
     return json.loads(out.stdout)
 
 
-def in_process_decode(model, engine, threads, max_tokens):
-    """Single-stream decode speed of an engine without HTTP (`mull speed`)."""
+def in_process_decode(model, engine, threads, max_tokens, batch_sizes=(1,)):
+    """Decode speed of an engine without HTTP (`mull speed`). With batch
+    sizes up to SLOTS, the llama engine has as many slots as the server."""
     out = subprocess.run(
         [str(ROOT / "target/release/mull"), "speed", "--model-path", str(model),
          "--engine", engine, "--threads", str(threads), "--decode-tokens", str(max_tokens),
-         "--repeat", "3", "--label", engine],
+         "--repeat", "3", "--label", engine, "--batch-sizes", ",".join(map(str, batch_sizes))],
         check=True, stdout=subprocess.PIPE, text=True,
     )
     return json.loads(out.stdout)
+
+
+BATCH_SIZES = [1, 5, SLOTS]
+
+
+def variants(llama_server, model, threads, max_tokens, requests):
+    """Runs one round of mull's llama engine against llama-server for each
+    other format, and for the default format on one thread."""
+    runs = []
+    configs = [(model.with_name(model.name.replace("Q4_1", fmt)), threads) for fmt in ["Q4_0", "Q8_0"]]
+    configs.append((model, 1))
+    for path, count in configs:
+        if not path.exists():
+            print(f"bench-serving: {path.name} is missing, skipped", file=sys.stderr)
+            continue
+        servers = {}
+        try:
+            servers["llama-server"] = start_llama_server(llama_server, path, count)
+            servers["mull (llama)"] = start_server(
+                path, "--engine", "llama", "--threads", str(count),
+                "--max-concurrent-requests", str(SLOTS), "--max-queued-requests", str(4 * SLOTS))
+            for name, (_, url) in servers.items():
+                print(f"bench-serving: {path.name}, {count} threads: {name}", file=sys.stderr)
+                model_id = "smollm2-135m" if name.startswith("mull") else "default"
+                result = bench(url, model_id, name, max_tokens, requests, [1, SLOTS])
+                runs.append({"file": path.name, "threads": count, "server": name, "result": result})
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait()
+    return runs
 
 
 def main():
@@ -126,12 +163,22 @@ def main():
     in_process = {}
     for engine in ["llama", "mistralrs"]:
         print(f"bench-serving: in-process decode, {engine}", file=sys.stderr)
-        in_process[engine] = in_process_decode(model, engine, threads, max_tokens)
+        sizes = BATCH_SIZES if engine == "llama" else [1]
+        in_process[engine] = in_process_decode(model, engine, threads, max_tokens, sizes)
 
-    raw = {"results": results, "in_process": in_process,
+    other_runs = variants(llama_server, model, threads, max_tokens, requests)
+    steps = {"Q4_1": in_process["llama"]}
+    for fmt in ["Q4_0", "Q8_0"]:
+        path = model.with_name(model.name.replace("Q4_1", fmt))
+        if path.exists():
+            print(f"bench-serving: in-process batched decode, {fmt}", file=sys.stderr)
+            steps[fmt] = in_process_decode(path, "llama", threads, max_tokens, BATCH_SIZES)
+
+    raw = {"results": results, "in_process": in_process, "variants": other_runs, "steps": steps,
            "strategies": [{"server": k[0], "strategy": k[1], "runs": v} for k, v in strategies.items()]}
     (ROOT / "target/bench-serving.json").write_text(json.dumps(raw, indent=1))
-    write_markdown(results, in_process, strategies, model, rounds, threads, max_tokens, requests)
+    write_markdown(results, in_process, strategies, model, rounds, threads, max_tokens, requests,
+                   other_runs, steps)
 
 
 def median_level(runs, concurrency, key):
@@ -144,7 +191,8 @@ def median_level(runs, concurrency, key):
     return statistics.median(values)
 
 
-def write_markdown(results, in_process, strategies, model, rounds, threads, max_tokens, requests):
+def write_markdown(results, in_process, strategies, model, rounds, threads, max_tokens, requests,
+                   other_runs, steps):
     peer = "llama-server"
     lines = [
         BEGIN,
@@ -173,7 +221,34 @@ def write_markdown(results, in_process, strategies, model, rounds, threads, max_
                 f"{median_level(runs, c, 'ttft_ms'):.0f} | {median_level(runs, c, 'tpot_ms'):.1f} | "
                 f"{itl99:.1f} | {median_level(runs, c, 'e2e_ms'):.0f} |"
             )
-    lines += ["", "Server overhead at one stream: decode speed in-process (`mull speed`) against "
+    lines += ["", f"Other formats and thread counts, one round each, llama-server and mull's llama "
+              f"engine alternating, {requests} requests per level.", "",
+              "| file | threads | concurrency | llama-server tok/s | mull (llama) tok/s | ratio | "
+              "llama-server TTFT p50 ms | mull TTFT p50 ms |", "|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["file"], r["threads"]) for r in other_runs):
+        pair = {r["server"]: r["result"] for r in other_runs if (r["file"], r["threads"]) == key}
+        if len(pair) < 2:
+            continue
+        for c in [1, SLOTS]:
+            peer_tps = median_level([pair["llama-server"]], c, "output_tokens_per_s")
+            tps = median_level([pair["mull (llama)"]], c, "output_tokens_per_s")
+            lines.append(
+                f"| {key[0]} | {key[1]} | {c} | {peer_tps:.1f} | {tps:.1f} | {tps / peer_tps:.2f}x | "
+                f"{median_level([pair['llama-server']], c, 'ttft_ms'):.0f} | "
+                f"{median_level([pair['mull (llama)']], c, 'ttft_ms'):.0f} |")
+    lines += ["", "Cost of batching in the llama engine, in-process (`mull speed --batch-sizes`, "
+              f"{threads} threads, {SLOTS} slots): output tokens/s with one prompt sampled 1, 5 and "
+              f"{SLOTS} times, and the time of one decode step against a one-sequence step.", "",
+              "| quantization | 1 sequence tok/s | 5 sequences tok/s | step cost at 5 | "
+              f"{SLOTS} sequences tok/s | step cost at {SLOTS} |", "|---|---|---|---|---|---|"]
+    for fmt, report in steps.items():
+        by_size = {b["batch_size"]: b for b in report["batches"]}
+        five, full = by_size[5], by_size[SLOTS]
+        lines.append(
+            f"| {fmt} | {report['decode_tokens_per_s']:.1f} | {five['decode_tokens_per_s']:.1f} | "
+            f"{five['step_cost']:.2f}x | {full['decode_tokens_per_s']:.1f} | {full['step_cost']:.2f}x |")
+    lines += ["", "Server overhead at one stream: decode speed in-process (`mull speed`, "
+              f"{SLOTS} slots for the llama engine, as in the server) against "
               "the same engine over HTTP (1 / TPOT p50).", "",
               "| engine | in-process tok/s | over HTTP tok/s | overhead |", "|---|---|---|---|"]
     for engine, name in [("llama", "mull (llama)"), ("mistralrs", "mull (mistralrs)")]:

@@ -102,7 +102,7 @@ def main():
             cpu_chart(rows, docs / "cpu-speed.png")
         elif rows[0][0] == "server" and rows[0][1] == "concurrency":
             serving_chart(rows, docs / "serving.png")
-        elif rows[0][0] == "decoding":
+        elif rows[0][0] == "decoding" and "handbook" not in heading:
             label = heading.split(":")[0].strip()
             strategy_chart(heading, rows, docs / f"strategies-{label}.png")
 

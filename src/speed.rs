@@ -45,6 +45,11 @@ pub struct SpeedArgs {
     /// Label for this configuration in the output.
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Numbers of sequences to decode together, comma-separated. Each gets
+    /// a decode measurement of one prompt sampled that many times. Only the
+    /// llama engine measures sizes above 1.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch_sizes: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +60,20 @@ pub struct SpeedReport {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub prefill_runs: Vec<f64>,
+    pub decode_runs: Vec<f64>,
+    /// Decode speed with several sequences per step, one entry per batch
+    /// size other than 1.
+    pub batches: Vec<BatchReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchReport {
+    pub batch_size: usize,
+    /// Output tokens per second, all sequences together (median of runs).
+    pub decode_tokens_per_s: f64,
+    /// Time of one decode step against a one-sequence step:
+    /// `batch_size * single speed / batched speed`.
+    pub step_cost: f64,
     pub decode_runs: Vec<f64>,
 }
 
@@ -100,6 +119,60 @@ async fn time_generation(
     ))
 }
 
+/// Times `n` continuations of one prompt decoded together and returns their
+/// output tokens per second, from the first token to the last.
+async fn time_batch(
+    engine: &dyn Engine,
+    prompt: Vec<u32>,
+    n: usize,
+    max_tokens: usize,
+) -> anyhow::Result<f64> {
+    let continuations = engine.generate(GenerateRequest {
+        prompt,
+        n,
+        sampling: SamplingParams::default(),
+        seed: Some(0),
+        max_tokens,
+        stop_tokens: Default::default(),
+        top_logprobs: 0,
+        keep_distribution: false,
+        cancel: CancellationToken::new(),
+        cached_prompt_tokens: Default::default(),
+    })?;
+    let runs = continuations
+        .into_iter()
+        .map(|mut continuation| async move {
+            let mut first = None;
+            let mut tokens = 0usize;
+            while let Some(event) = continuation.events.recv().await {
+                match event {
+                    StepEvent::Token(_) => {
+                        tokens += 1;
+                        first.get_or_insert_with(Instant::now);
+                    }
+                    StepEvent::Finished(_) => break,
+                    StepEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
+                }
+            }
+            Ok((first, Instant::now(), tokens))
+        });
+    let mut first_token = None::<Instant>;
+    let mut last_token = None::<Instant>;
+    let mut tokens = 0;
+    for run in futures::future::join_all(runs).await {
+        let (first, last, count) = run?;
+        let first = first.ok_or_else(|| anyhow::anyhow!("no token was generated"))?;
+        first_token = Some(first_token.map_or(first, |t| t.min(first)));
+        last_token = Some(last_token.map_or(last, |t| t.max(last)));
+        tokens += count;
+    }
+    let (Some(first), Some(last)) = (first_token, last_token) else {
+        anyhow::bail!("no continuation was started");
+    };
+    // The first token of each sequence comes with the prompt's step.
+    Ok((tokens - n) as f64 / (last - first).as_secs_f64())
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -110,7 +183,7 @@ pub async fn run(args: SpeedArgs) -> anyhow::Result<SpeedReport> {
         "llama" => Arc::new(
             LlamaEngine::load(LlamaConfig {
                 threads: args.threads,
-                slots: 1,
+                slots: args.batch_sizes.iter().copied().max().unwrap_or(1).max(1),
                 ..LlamaConfig::cpu(args.model_path.clone())
             })
             .await?,
@@ -164,13 +237,41 @@ pub async fn run(args: SpeedArgs) -> anyhow::Result<SpeedReport> {
             decode_runs[rep]
         );
     }
+    let single = median(&mut decode_runs.clone());
+    let mut batches = Vec::new();
+    for &batch_size in &args.batch_sizes {
+        if batch_size <= 1 || args.engine != "llama" {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for rep in 0..args.repeat {
+            let prompt = engine
+                .tokenize(&format!("Chapter {rep}. Once upon a time"))
+                .await?;
+            let speed = time_batch(engine.as_ref(), prompt, batch_size, args.decode_tokens).await?;
+            eprintln!(
+                "speed: {} decode run {} with {batch_size} sequences: {speed:.1} tokens/s",
+                args.label,
+                rep + 1,
+            );
+            runs.push(speed);
+        }
+        let speed = median(&mut runs.clone());
+        batches.push(BatchReport {
+            batch_size,
+            decode_tokens_per_s: speed,
+            step_cost: batch_size as f64 * single / speed,
+            decode_runs: runs,
+        });
+    }
     Ok(SpeedReport {
         label: args.label,
         model: args.model_path.display().to_string(),
         dtype: args.dtype,
         prefill_tokens_per_s: median(&mut prefill_runs.clone()),
-        decode_tokens_per_s: median(&mut decode_runs.clone()),
+        decode_tokens_per_s: single,
         prefill_runs,
         decode_runs,
+        batches,
     })
 }
