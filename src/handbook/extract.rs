@@ -74,6 +74,106 @@ pub fn reflection_messages(trace: &Trace) -> Option<Vec<ChatTurn>> {
     }])
 }
 
+/// Topic tags a behavior gets from the trace it came from.
+pub const MAX_TAGS: usize = 5;
+
+/// Common English words that say nothing about a problem's topic.
+const STOP_WORDS: &[&str] = &[
+    "about",
+    "after",
+    "again",
+    "also",
+    "another",
+    "been",
+    "before",
+    "being",
+    "does",
+    "each",
+    "every",
+    "from",
+    "have",
+    "having",
+    "here",
+    "into",
+    "just",
+    "many",
+    "more",
+    "most",
+    "much",
+    "only",
+    "other",
+    "over",
+    "same",
+    "some",
+    "such",
+    "than",
+    "that",
+    "them",
+    "then",
+    "there",
+    "these",
+    "they",
+    "this",
+    "those",
+    "through",
+    "what",
+    "when",
+    "where",
+    "which",
+    "while",
+    "will",
+    "with",
+    "would",
+    "your",
+    "their",
+    "were",
+    "could",
+    "should",
+    "first",
+    "next",
+    "total",
+    "altogether",
+    "left",
+    "half",
+    "twice",
+    "times",
+];
+
+/// Picks topic tags for behaviors taken from `trace`: the words of its last
+/// user message that occur most often there, of four letters or more and
+/// not in a stop list, at most [`MAX_TAGS`], ties in order of appearance.
+/// BM25 retrieval matches them against later requests.
+pub fn topic_tags(trace: &Trace) -> Vec<String> {
+    let Some(problem) = trace
+        .messages
+        .as_ref()
+        .and_then(|messages| messages.iter().rev().find(|m| m.role == "user"))
+    else {
+        return Vec::new();
+    };
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for word in problem
+        .content
+        .to_lowercase()
+        .split(|c: char| !c.is_alphabetic())
+    {
+        if word.chars().count() < 4 || STOP_WORDS.contains(&word) {
+            continue;
+        }
+        match counts.iter_mut().find(|(seen, _)| seen == word) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((word.to_string(), 1)),
+        }
+    }
+    // A stable sort keeps the order of appearance among equal counts.
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts
+        .into_iter()
+        .take(MAX_TAGS)
+        .map(|(word, _)| word)
+        .collect()
+}
+
 /// Reads `name: instruction` lines from a reply, skipping anything else.
 /// List markers, emphasis and quotes are removed, names are turned into
 /// snake_case, and lines whose name or instruction is implausible are
@@ -269,6 +369,29 @@ mod tests {
         assert_eq!(
             found[1].instruction,
             "Always remember that the answer is a number."
+        );
+    }
+
+    #[test]
+    fn topic_tags_from_the_problem() {
+        let mut trace = crate::traces::contract::trace("t1", 0, None);
+        let problem = trace.messages.as_mut().expect("a chat trace");
+        problem.insert(
+            0,
+            crate::traces::Message {
+                role: "system".into(),
+                content: "Answer with a number.".into(),
+                name: None,
+            },
+        );
+        problem[1].content = "A baker sells loaves. Each loaf costs $3, and the baker sells \
+            20 loaves a day. What does the baker earn in a week?"
+            .into();
+        // Counts 3, 2, 2, 1, 1: "each" and "what" are stop words, the system
+        // message is not read, and "earn" and "week" come too late.
+        assert_eq!(
+            topic_tags(&trace),
+            vec!["baker", "sells", "loaves", "loaf", "costs"]
         );
     }
 

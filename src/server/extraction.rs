@@ -16,7 +16,7 @@ use super::AppState;
 use crate::{
     decoding::{plain, Context, DecodeError, Input},
     engine::{Engine, EngineError, SamplingParams},
-    handbook::extract::{find_duplicate, parse_reply, reflection_messages, Candidate},
+    handbook::extract::{find_duplicate, parse_reply, reflection_messages, topic_tags, Candidate},
     traces::{now_ms, StoreError, StoredBehavior, Trace, TraceStore},
 };
 
@@ -113,8 +113,9 @@ pub async fn run_once(state: &Arc<AppState>) -> Result<Report, ExtractionError> 
             "reflected on a solved trace"
         );
         let id = trace.id.clone();
+        let tags = topic_tags(&trace);
         let (added, merged) = blocking(&store, move |store| {
-            let stored = store_candidates(store, &id, candidates)?;
+            let stored = store_candidates(store, &id, &tags, candidates)?;
             store.mark_extracted(&[id])?;
             Ok(stored)
         })
@@ -169,11 +170,13 @@ async fn reflect(
     Ok(paths.pop().map(|path| path.text))
 }
 
-/// Stores the new candidates and adds the trace to the sources of those
-/// that repeat a stored behavior; returns the added and the repeated names.
+/// Stores the new candidates, tagged with `tags`, and adds the trace to the
+/// sources of those that repeat a stored behavior; returns the added and the
+/// repeated names.
 fn store_candidates(
     store: &dyn TraceStore,
     trace_id: &str,
+    tags: &[String],
     candidates: Vec<Candidate>,
 ) -> Result<(Vec<String>, Vec<String>), StoreError> {
     let mut existing = store.behaviors()?;
@@ -189,7 +192,7 @@ fn store_candidates(
         let behavior = StoredBehavior {
             name: candidate.name,
             instruction: candidate.instruction,
-            tags: Vec::new(),
+            tags: tags.to_vec(),
             source_traces: source.to_vec(),
             created_ms: now_ms(),
             times_retrieved: 0,

@@ -7,7 +7,7 @@
 //! [`sqlite::SqliteStore`] the embedded implementation.
 
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 pub mod postgres;
 pub mod record;
 pub mod sqlite;
