@@ -184,12 +184,27 @@ impl Target {
                 body.insert(key.clone(), value.clone());
             }
         }
-        let mut request = self.client.post(&self.url).json(&body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
-        }
-        let start = Instant::now();
-        let response = request.send().await?;
+        let send = || {
+            let mut request = self.client.post(&self.url).json(&body);
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(key);
+            }
+            request.send()
+        };
+        let mut start = Instant::now();
+        let response = match send().await {
+            Ok(response) => response,
+            // A server may close an idle pooled connection just as the
+            // client reuses it (llama-server did, twice in about 100
+            // requests), so a request that fails before any response is
+            // sent once more, on another connection.
+            Err(e) if e.is_request() || e.is_connect() => {
+                eprintln!("bench: a request failed before a response ({e}), sending it again");
+                start = Instant::now();
+                send().await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
