@@ -547,6 +547,9 @@ async fn handbook_learns_from_traces() {
     for behavior in behaviors["data"].as_array().unwrap() {
         let from = behavior["source_traces"].as_array().unwrap();
         assert!(!from.is_empty(), "{behavior}");
+        // Tagged with the topic words of the problem it came from.
+        let tags = behavior["tags"].as_array().unwrap();
+        assert!(!tags.is_empty(), "{behavior}");
         assert!(from
             .iter()
             .all(|t| sources.contains(&t.as_str().unwrap().to_string())));

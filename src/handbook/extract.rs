@@ -29,6 +29,21 @@ const HEADINGS: &[&str] = &[
     "question",
     "reflection",
     "final_answer",
+    "tip",
+    "tips",
+    "general_tip",
+    "general_tips",
+];
+
+/// The example lines of the reflection prompt. Small models repeat them
+/// instead of stating what the solution did, so replies that copy one are
+/// dropped.
+const EXAMPLE_TIPS: &[(&str, &str)] = &[
+    ("check_units", "State the unit of the final answer."),
+    (
+        "list_given_numbers",
+        "Write down every number the problem gives before computing.",
+    ),
 ];
 
 /// A behavior as the model stated it, after cleaning.
@@ -57,15 +72,16 @@ pub fn reflection_messages(trace: &Trace) -> Option<Vec<ChatTurn>> {
     }
     // SmolLM2-135M ignored a description of the line format but copied the
     // example lines' shape, as a numbered list.
+    let examples: String = EXAMPLE_TIPS
+        .iter()
+        .map(|(name, instruction)| format!("{name}: {instruction}\n"))
+        .collect();
     let content = format!(
         "Problem: {problem}\nSolution, checked and found correct: {solution}\n\n\
          Reflect on how this solution reached its answer. Then list general tips for \
          solving problems like this, one per line. Start each line with a short \
          snake_case name, a colon, then one sentence of advice.\n\n\
-         Example tips:\n\
-         check_units: State the unit of the final answer.\n\
-         list_given_numbers: Write down every number the problem gives before computing.\n\n\
-         Tips:"
+         Example tips:\n{examples}\nTips:"
     );
     Some(vec![ChatTurn {
         role: "user".into(),
@@ -74,10 +90,10 @@ pub fn reflection_messages(trace: &Trace) -> Option<Vec<ChatTurn>> {
     }])
 }
 
-/// Topic tags a behavior gets from the trace it came from.
+/// Maximum number of topic tags a behavior gets from its source trace.
 pub const MAX_TAGS: usize = 5;
 
-/// Common English words that say nothing about a problem's topic.
+/// Common English words that carry no information about a problem's topic.
 const STOP_WORDS: &[&str] = &[
     "about",
     "after",
@@ -186,7 +202,7 @@ pub fn parse_reply(reply: &str) -> Vec<Candidate> {
         let Some(candidate) = parse_line(line) else {
             continue;
         };
-        if find_duplicate_candidate(&candidate, &candidates) {
+        if copies_example(&candidate) || find_duplicate_candidate(&candidate, &candidates) {
             continue;
         }
         candidates.push(candidate);
@@ -195,6 +211,18 @@ pub fn parse_reply(reply: &str) -> Vec<Candidate> {
         }
     }
     candidates
+}
+
+/// Returns whether `candidate` repeats an example line of the prompt: an
+/// instruction containing at least 80 % of an example's words. A reused
+/// example name with advice of its own is kept.
+fn copies_example(candidate: &Candidate) -> bool {
+    let stated = words(&candidate.instruction);
+    EXAMPLE_TIPS.iter().any(|(_, instruction)| {
+        let example = words(instruction);
+        let shared = example.intersection(&stated).count() as f64;
+        shared >= SAME_INSTRUCTION * example.len() as f64
+    })
 }
 
 fn find_duplicate_candidate(candidate: &Candidate, seen: &[Candidate]) -> bool {
@@ -393,6 +421,17 @@ mod tests {
             topic_tags(&trace),
             vec!["baker", "sells", "loaves", "loaf", "costs"]
         );
+    }
+
+    #[test]
+    fn copied_examples_dropped() {
+        let reply = "1. check_units: State the unit of the final answer.\n\
+                     2. tips: check_units: State the unit of the final answer.\n\
+                     3. list_numbers: Always write down every number the problem gives before computing.\n\
+                     4. split_the_trip: Work out each part of the trip separately.";
+        let found = parse_reply(reply);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].name, "split_the_trip");
     }
 
     #[test]
