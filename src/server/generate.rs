@@ -173,18 +173,27 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 /// end its own message and speak for another role.
 fn reject_control_tokens(engine: &dyn Engine, messages: &[ChatTurn]) -> Result<(), ApiError> {
     for (i, message) in messages.iter().enumerate() {
-        let found = engine
-            .control_tokens()
-            .iter()
-            .find(|t| !t.is_empty() && message.content.contains(t.as_str()));
-        if let Some(token) = found {
-            return Err(ApiError::invalid(
-                format!("messages[{i}].content"),
-                format!(
-                    "`messages[{i}].content` contains the control token `{token}`, which would \
-                     change the conversation's structure; remove it"
-                ),
-            ));
+        // A template may render the author's name too, so it gets the same
+        // check as the content.
+        let fields = [
+            ("content", Some(&message.content)),
+            ("name", message.name.as_ref()),
+        ];
+        for (field, text) in fields {
+            let Some(text) = text else { continue };
+            let found = engine
+                .control_tokens()
+                .iter()
+                .find(|t| !t.is_empty() && text.contains(t.as_str()));
+            if let Some(token) = found {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].{field}"),
+                    format!(
+                        "`messages[{i}].{field}` contains the control token `{token}`, which \
+                         would change the conversation's structure; remove it"
+                    ),
+                ));
+            }
         }
     }
     Ok(())
