@@ -12,7 +12,7 @@ Starts a release mull server with a fresh trace store and then:
    question, and writes accuracy, generated tokens and wall time, with
    ratios, and the learned behaviors into BENCHMARKS.md.
 
-Progress goes to stderr. Each answer is appended to
+Progress goes to stderr. Each reply is appended to
 target/bench-handbook-LABEL.jsonl as it comes.
 
 Usage: bench_handbook.py MODEL.gguf LABEL [TRAIN] [DEV] [MAX_TOKENS]
@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench_strategies import INSTRUCTION, number
+from bench_strategies import INSTRUCTION, number, write_section
 from mull_server import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,7 @@ def write(label, train_count, solved, dev_count, max_tokens, behaviors, results)
         "| seconds per question | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
+
     for name, r in results.items():
         accuracy = r["correct"] / dev_count
         ratio = f"{r['correct'] / greedy['correct']:.2f}x" if greedy["correct"] else "n/a"
@@ -153,18 +154,11 @@ def write(label, train_count, solved, dev_count, max_tokens, behaviors, results)
             f"| {r['tokens'] / greedy['tokens']:.2f}x | {r['seconds'] / dev_count:.1f} "
             f"| {r['seconds'] / greedy['seconds']:.2f}x |"
         )
+
     lines += ["", "The learned behaviors:", ""]
     lines += [f"- `{b['name']}`: {b['instruction']}" for b in behaviors] or ["- (none)"]
-    begin, end = f"<!-- handbook:{label}:begin -->", f"<!-- handbook:{label}:end -->"
-    section = "\n".join([begin, *lines, end])
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+
+    write_section(f"handbook:{label}", lines)
     print("\n".join(lines))
 
 

@@ -137,7 +137,14 @@ def write(label, count, max_tokens, results):
             f"| {r['tokens'] / greedy['tokens']:.2f}x | {r['seconds'] / count:.1f} "
             f"| {r['seconds'] / greedy['seconds']:.2f}x |"
         )
-    begin, end = f"<!-- strategies:{label}:begin -->", f"<!-- strategies:{label}:end -->"
+    write_section(f"strategies:{label}", lines)
+    print("\n".join(lines))
+
+
+def write_section(key, lines):
+    """Replaces the BENCHMARKS.md section between `<!-- KEY:begin -->` and
+    `<!-- KEY:end -->` with `lines`, or appends it when it is missing."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     section = "\n".join([begin, *lines, end])
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -147,7 +154,6 @@ def write(label, count, max_tokens, results):
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{
     llama::{LlamaConfig, LlamaEngine},
     mistral::{MistralConfig, MistralEngine},
-    Engine, GenerateRequest, SamplingParams, StepEvent,
+    Continuation, Engine, GenerateRequest, SamplingParams, StepEvent,
 };
 
 /// Text the prompts are cut from; its content does not matter for speed.
@@ -77,28 +77,33 @@ pub struct BatchReport {
     pub decode_runs: Vec<f64>,
 }
 
-/// Times one generation: seconds to the first token, seconds from the first
-/// to the last token, and the number of tokens.
-async fn time_generation(
-    engine: &dyn Engine,
+/// Builds a request for `n` continuations of `prompt`, seeded so that runs
+/// repeat.
+fn request(
     prompt: Vec<u32>,
+    n: usize,
+    sampling: SamplingParams,
     max_tokens: usize,
-) -> anyhow::Result<(f64, f64, usize)> {
-    let start = Instant::now();
-    let mut continuation = engine
-        .generate(GenerateRequest {
-            prompt,
-            n: 1,
-            sampling: SamplingParams::greedy(),
-            seed: Some(0),
-            max_tokens,
-            stop_tokens: Default::default(),
-            top_logprobs: 0,
-            keep_distribution: false,
-            cancel: CancellationToken::new(),
-            cached_prompt_tokens: Default::default(),
-        })?
-        .remove(0);
+) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        n,
+        sampling,
+        seed: Some(0),
+        max_tokens,
+        stop_tokens: Default::default(),
+        top_logprobs: 0,
+        keep_distribution: false,
+        cancel: CancellationToken::new(),
+        cached_prompt_tokens: Default::default(),
+    }
+}
+
+/// Reads a continuation to its end and returns when its first token came,
+/// when it ended, and how many tokens it had.
+async fn drain(
+    mut continuation: Continuation,
+) -> anyhow::Result<(Option<Instant>, Instant, usize)> {
     let mut first = None;
     let mut tokens = 0;
     while let Some(event) = continuation.events.recv().await {
@@ -111,10 +116,25 @@ async fn time_generation(
             StepEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
         }
     }
+    Ok((first, Instant::now(), tokens))
+}
+
+/// Times one generation: seconds to the first token, seconds from the first
+/// to the last token, and the number of tokens.
+async fn time_generation(
+    engine: &dyn Engine,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let start = Instant::now();
+    let continuation = engine
+        .generate(request(prompt, 1, SamplingParams::greedy(), max_tokens))?
+        .remove(0);
+    let (first, last, tokens) = drain(continuation).await?;
     let first = first.ok_or_else(|| anyhow::anyhow!("no token was generated"))?;
     Ok((
         (first - start).as_secs_f64(),
-        first.elapsed().as_secs_f64(),
+        (last - first).as_secs_f64(),
         tokens,
     ))
 }
@@ -127,35 +147,9 @@ async fn time_batch(
     n: usize,
     max_tokens: usize,
 ) -> anyhow::Result<f64> {
-    let continuations = engine.generate(GenerateRequest {
-        prompt,
-        n,
-        sampling: SamplingParams::default(),
-        seed: Some(0),
-        max_tokens,
-        stop_tokens: Default::default(),
-        top_logprobs: 0,
-        keep_distribution: false,
-        cancel: CancellationToken::new(),
-        cached_prompt_tokens: Default::default(),
-    })?;
-    let runs = continuations
-        .into_iter()
-        .map(|mut continuation| async move {
-            let mut first = None;
-            let mut tokens = 0usize;
-            while let Some(event) = continuation.events.recv().await {
-                match event {
-                    StepEvent::Token(_) => {
-                        tokens += 1;
-                        first.get_or_insert_with(Instant::now);
-                    }
-                    StepEvent::Finished(_) => break,
-                    StepEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
-                }
-            }
-            Ok((first, Instant::now(), tokens))
-        });
+    let continuations =
+        engine.generate(request(prompt, n, SamplingParams::default(), max_tokens))?;
+    let runs = continuations.into_iter().map(drain);
     let mut first_token = None::<Instant>;
     let mut last_token = None::<Instant>;
     let mut tokens = 0;

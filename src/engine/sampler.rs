@@ -449,7 +449,7 @@ pub fn entropy(distribution: &[(u32, f32)]) -> f32 {
         .max(0.0)
 }
 
-/// The `n` most likely tokens with their log-probabilities.
+/// Returns the `n` most likely tokens with their log-probabilities.
 fn top_n(logits: &[f32], max: f32, log_total: f32, n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
@@ -548,7 +548,7 @@ mod tests {
         assert_eq!(sampler.sample(&mut [1.0, 0.0]).token, 1);
     }
 
-    /// The distribution written out in full and sorted, as a check on the
+    /// Writes out the distribution in full and sorted, as a check on the
     /// head-and-tail form.
     fn reference(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
         let temperature = if params.is_greedy() {

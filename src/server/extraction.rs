@@ -171,7 +171,7 @@ async fn reflect(
 }
 
 /// Stores the new candidates, tagged with `tags`, and adds the trace to the
-/// sources of those that repeat a stored behavior; returns the added and the
+/// sources of those that repeat a stored behavior. Returns the added and the
 /// repeated names.
 fn store_candidates(
     store: &dyn TraceStore,
